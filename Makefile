@@ -1,0 +1,60 @@
+# Two commands matter: `make demo` runs the main job, `make test` runs the
+# tests. Each builds what it needs first: the virtual environment, the stubs
+# generated from proto/, the enclave image and its development signing key.
+
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+SIZES := 8 32 64 80
+BUILD := build
+IMAGES := $(foreach s,$(SIZES),$(BUILD)/images/$(s)/encl.ss)
+PROTOS := $(wildcard proto/epm_api/*.proto)
+STUBS := $(patsubst proto/%.proto,%_pb2.py,$(PROTOS))
+ENCLAVE_SRC := $(wildcard skeleton/enclave/*)
+
+.PHONY: all venv proto image demo test bench clean
+
+all: venv proto image
+
+venv: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install --quiet --upgrade pip
+	$(VENV)/bin/pip install --quiet -e '.[dev]'
+	touch $@
+
+proto: $(STUBS)
+
+epm_api/%_pb2.py: proto/epm_api/%.proto $(VENV)/.installed
+	$(PY) -m grpc_tools.protoc -Iproto --python_out=. --pyi_out=. \
+		--grpc_python_out=. $<
+
+# The enclave image: compiled from skeleton/enclave, then one signed copy per
+# size, because the signer writes the mmap size into the image's metadata.
+image: $(IMAGES)
+
+$(BUILD)/encl.bin: $(ENCLAVE_SRC) skeleton/build_image.py $(VENV)/.installed
+	$(PY) -m skeleton.build_image --out $@
+
+$(BUILD)/dev-key.pem: $(VENV)/.installed
+	@mkdir -p $(BUILD)
+	$(VENV)/bin/sgxsign --genkey $@
+
+$(BUILD)/images/%/encl.ss: $(BUILD)/encl.bin $(BUILD)/dev-key.pem $(STUBS)
+	@mkdir -p $(dir $@)
+	cp $(BUILD)/encl.bin $(dir $@)encl.bin
+	$(VENV)/bin/sgxsign -s $$(($* * 1024 * 1024)) $(BUILD)/dev-key.pem \
+		$(dir $@)encl.bin $@
+
+demo: venv proto image
+	$(PY) scripts/demo.py --images $(BUILD)/images
+
+test: venv proto image
+	$(PY) -m pytest -q
+
+bench: venv proto image
+	$(PY) benchmarks/run.py --images $(BUILD)/images
+
+clean:
+	rm -rf $(BUILD) epm_api/*_pb2*.py epm_api/*_pb2.pyi

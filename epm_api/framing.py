@@ -1,0 +1,119 @@
+"""Frames on the hand-off socket: a little-endian u32 length, then a message.
+
+A frame may carry file descriptors in SCM_RIGHTS, attached to its first
+bytes. Both ends bound every read and write by a deadline, so that a peer that
+stops sending mid-frame costs a bounded wait, never a thread.
+"""
+
+import array
+import errno
+import os
+import socket
+import struct
+import time
+
+HEADER = struct.Struct("<I")
+MAX_FRAME = 64 * 1024
+
+# Room for one descriptor more than any frame may carry, so that a peer that
+# sends two is seen (and both are closed) instead of silently truncated.
+_MAX_FDS_SEEN = 2
+_CMSG_SPACE = socket.CMSG_SPACE(_MAX_FDS_SEEN * array.array("i").itemsize)
+
+
+class FramingError(Exception):
+    """The peer broke the frame format, sent too much, or was too slow."""
+
+
+def send_frame(sock, payload, deadline, fd=None):
+    """Send one frame, with ``fd`` in SCM_RIGHTS when given.
+
+    ``deadline`` is a ``time.monotonic()`` value. Raises FramingError when the
+    frame is too large or the deadline passes, and OSError when the peer is
+    gone.
+    """
+    if len(payload) > MAX_FRAME:
+        raise FramingError(f"frame of {len(payload)} bytes exceeds {MAX_FRAME}")
+    data = memoryview(HEADER.pack(len(payload)) + payload)
+    ancillary = []
+    if fd is not None:
+        fds = array.array("i", [fd])
+        ancillary = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, fds.tobytes())]
+    while data:
+        _set_timeout(sock, deadline, "send")
+        try:
+            sent = sock.sendmsg([data], ancillary)
+        except TimeoutError:
+            raise FramingError("timed out sending a frame") from None
+        ancillary = []
+        data = data[sent:]
+
+
+def recv_frame(sock, deadline, idle_deadline=None):
+    """Receive one frame; return ``(payload, fds)``, or None at a clean EOF.
+
+    ``idle_deadline`` bounds the wait for the first byte (a connection kept
+    open between requests), ``deadline`` the rest of the frame. The caller
+    owns the returned descriptors. Raises FramingError on a short, oversized
+    or slow frame, closing any descriptors received with it.
+    """
+    fds = []
+    try:
+        header = _recv_exact(sock, HEADER.size, idle_deadline or deadline,
+                             deadline, fds, allow_eof=True)
+        if header is None:
+            return None
+        (length,) = HEADER.unpack(header)
+        if length > MAX_FRAME:
+            raise FramingError(f"frame length {length} exceeds {MAX_FRAME}")
+        payload = _recv_exact(sock, length, deadline, deadline, fds)
+    except BaseException:
+        close_all(fds)
+        raise
+    return payload, fds
+
+
+def close_all(fds):
+    """Close every descriptor in ``fds``, ignoring ones already closed."""
+    for fd in fds:
+        try:
+            os.close(fd)
+        except OSError as e:
+            if e.errno != errno.EBADF:
+                raise
+
+
+def _recv_exact(sock, size, first_deadline, deadline, fds, allow_eof=False):
+    buf = bytearray()
+    while len(buf) < size:
+        _set_timeout(sock, first_deadline if not buf else deadline, "receive")
+        try:
+            data, ancdata, flags, _ = sock.recvmsg(
+                size - len(buf), _CMSG_SPACE, socket.MSG_CMSG_CLOEXEC)
+        except TimeoutError:
+            raise FramingError("timed out receiving a frame") from None
+        fds.extend(_fds_from(ancdata))
+        if flags & socket.MSG_CTRUNC:
+            raise FramingError("frame carried more descriptors than allowed")
+        if not data:
+            if allow_eof and not buf:
+                return None
+            raise FramingError(f"peer closed after {len(buf)} of {size} bytes")
+        buf += data
+    return bytes(buf)
+
+
+def _fds_from(ancdata):
+    fds = []
+    for level, kind, data in ancdata:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+            usable = len(data) - len(data) % array.array("i").itemsize
+            fds.extend(array.array("i", data[:usable]))
+    return fds
+
+
+def _set_timeout(sock, deadline, what):
+    remaining = deadline - time.monotonic()
+    if remaining <= 0:
+        raise FramingError(f"timed out waiting to {what} a frame")
+    sock.settimeout(remaining)

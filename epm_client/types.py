@@ -1,0 +1,77 @@
+"""Plain values shared by the client, the skeleton and epmctl."""
+
+import dataclasses
+import mmap
+
+from epm_api import v1alpha1_pb2 as pb
+
+ENCLAVE_POOL = "enclave-cache-pool"
+ENCLAVE_TYPE_URL = "type.googleapis.com/v1alpha1.Enclave"
+
+
+@dataclasses.dataclass(frozen=True)
+class Identity:
+    """What makes two enclaves interchangeable for a container."""
+
+    mrenclave: bytes
+    mrsigner: bytes
+    attributes: int
+    xfrm: int
+    size: int
+    backend: str
+
+    def to_proto(self):
+        return pb.EnclaveIdentity(
+            mrenclave=self.mrenclave, mrsigner=self.mrsigner,
+            attributes=self.attributes, xfrm=self.xfrm, size=self.size,
+            backend=self.backend)
+
+    @classmethod
+    def from_proto(cls, msg):
+        return cls(mrenclave=bytes(msg.mrenclave), mrsigner=bytes(msg.mrsigner),
+                   attributes=msg.attributes, xfrm=msg.xfrm, size=msg.size,
+                   backend=msg.backend)
+
+
+@dataclasses.dataclass(frozen=True)
+class LayoutEntry:
+    """One range of the enclave: where it is mapped and with what protection."""
+
+    addr: int
+    size: int
+    read: bool = True
+    write: bool = True
+    execute: bool = False
+    share: bool = True
+    private: bool = False
+
+    @property
+    def prot(self):
+        """The PROT_* bits for mmap."""
+        return ((mmap.PROT_READ if self.read else 0)
+                | (mmap.PROT_WRITE if self.write else 0)
+                | (mmap.PROT_EXEC if self.execute else 0))
+
+    @property
+    def flags(self):
+        """The MAP_SHARED or MAP_PRIVATE bit for mmap."""
+        return mmap.MAP_PRIVATE if self.private else mmap.MAP_SHARED
+
+    def to_proto(self):
+        return pb.Enclavelayout(addr=self.addr, size=self.size, prot=pb.EnclavePerms(
+            read=self.read, write=self.write, execute=self.execute,
+            share=self.share, private=self.private))
+
+    @classmethod
+    def from_proto(cls, msg):
+        p = msg.prot
+        return cls(addr=msg.addr, size=msg.size, read=p.read, write=p.write,
+                   execute=p.execute, share=p.share, private=p.private)
+
+
+def enclave_to_proto(layout, identity, fd=-1, state=""):
+    """An ``Enclave`` message for a layout and identity."""
+    return pb.Enclave(fd=fd, nr=len(layout),
+                      layout=[entry.to_proto() for entry in layout],
+                      identity=identity.to_proto() if identity else None,
+                      state=state)
