@@ -1,0 +1,175 @@
+"""The PAL life cycle: from the pool, by building, and without epm."""
+
+import ctypes
+import errno
+import mmap
+import os
+import signal
+import socket
+
+import pytest
+from structlog.testing import capture_logs
+
+from epm_client import Client
+from skeleton.pal import Pal, PalError, parse_args
+
+GREETING = "Hello Inclavare Containers!"
+
+
+def launch(image_dir, args):
+    """init, run the workload once, destroy; return (source, greeting)."""
+    pal = Pal()
+    pal.init(args, image_dir=image_dir)
+    read, write = os.pipe()
+    try:
+        pid = pal.create_process("/bin/skeleton", ["skeleton"], stdio=(0, write, 2))
+        assert pal.exec(pid) == 0
+        os.close(write)
+        write = None
+        greeting = os.read(read, 256).decode().strip()
+    finally:
+        os.close(read)
+        if write is not None:
+            os.close(write)
+        pal.destroy()
+    return pal.source, greeting
+
+
+def test_arguments_split_on_commas_and_spaces():
+    flags, values = parse_args("sim,no-epm debug  epm-socket=/x/y.sock,bogus")
+    assert flags == {"sim", "no-epm", "debug"}
+    assert values == {"epm-socket": "/x/y.sock"}
+
+
+def test_empty_pool_builds_and_the_next_launch_uses_the_pool(daemon, images):
+    args = f"sim epm-socket={daemon.grpc_socket}"
+    assert launch(images / "8", args) == ("built", GREETING)
+    with Client(daemon.grpc_socket) as client:
+        assert [e.state for e in client.list()] == ["available"]
+    assert launch(images / "8", args) == ("pool", GREETING)
+    assert launch(images / "8", args) == ("pool", GREETING)
+    with Client(daemon.grpc_socket) as client:
+        assert [e.state for e in client.list()] == ["available"]
+
+
+def test_enclave_is_held_while_the_container_runs(daemon, images):
+    pal = Pal()
+    pal.init(f"sim epm-socket={daemon.grpc_socket}", image_dir=images / "8")
+    try:
+        with Client(daemon.grpc_socket) as client:
+            assert [e.state for e in client.list()] == ["held"]
+    finally:
+        pal.destroy()
+
+
+def test_pool_does_not_mix_image_sizes(daemon, images):
+    args = f"sim epm-socket={daemon.grpc_socket}"
+    launch(images / "8", args)
+    assert launch(images / "32", args)[0] == "built"
+    assert launch(images / "8", args)[0] == "pool"
+
+
+def test_no_epm_never_contacts_the_daemon(tmp_path, images):
+    """Sockets that record any connection stand where the daemon's would."""
+    listeners = []
+    for name in ("epm.sock", "epm-handoff.sock"):
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        s.bind(str(tmp_path / name))
+        s.listen(8)
+        s.setblocking(False)
+        listeners.append(s)
+    try:
+        args = f"sim no-epm epm-socket={tmp_path / 'epm.sock'}"
+        assert launch(images / "8", args) == ("built", GREETING)
+        for s in listeners:
+            with pytest.raises(BlockingIOError):
+                s.accept()
+    finally:
+        for s in listeners:
+            s.close()
+
+
+def test_daemon_down_builds_and_warns(tmp_path, images):
+    with capture_logs() as logs:
+        source, greeting = launch(images / "8", f"sim epm-socket={tmp_path}/epm.sock")
+    assert (source, greeting) == ("built", GREETING)
+    warnings = [e for e in logs if e["log_level"] == "warning"]
+    assert [e["event"] for e in warnings] == ["epm_unreachable"]
+
+
+def test_mapping_conflict_returns_the_enclave_and_builds(daemon, images):
+    args = f"sim epm-socket={daemon.grpc_socket}"
+    launch(images / "8", args)
+    with Client(daemon.grpc_socket) as client:
+        [entry] = client.list()
+    base = entry.layout[0].addr
+    blocker = _map_anonymous_at(base)
+    try:
+        with capture_logs() as logs:
+            assert launch(images / "8", args) == ("built", GREETING)
+        assert "enclave_mapping_conflict" in [e["event"] for e in logs]
+        assert ctypes.string_at(blocker, 4) == b"mine"
+    finally:
+        _libc.munmap(ctypes.c_void_p(blocker), mmap.PAGESIZE)
+    with Client(daemon.grpc_socket) as client:
+        entries = client.list()
+    assert sorted(e.state for e in entries) == ["available", "available"]
+    assert entry.id not in [e.id for e in entries]
+
+
+def test_workload_is_killed_by_pal_kill(tmp_path, images):
+    pal = Pal()
+    pal.init("sim no-epm", image_dir=images / "8")
+    try:
+        read, write = os.pipe()
+        pid = pal.create_process("/bin/skeleton", ["skeleton", "wait_timeout", "60"],
+                                 stdio=(0, write, write))
+        os.close(write)
+        assert os.read(read, 256).decode().strip() == GREETING
+        pal.kill(-1, signal.SIGTERM)
+        assert pal.exec(pid) == -signal.SIGTERM
+        os.close(read)
+        with pytest.raises(PalError) as e:
+            pal.kill(os.getpid(), signal.SIGTERM)
+        assert e.value.errno == errno.ESRCH
+    finally:
+        pal.destroy()
+
+
+def test_calls_before_init_fail_with_a_message():
+    pal = Pal()
+    for call in (lambda: pal.create_process("/bin/x"), lambda: pal.exec(1),
+                 lambda: pal.kill(1, 9), pal.destroy):
+        with pytest.raises(PalError, match="before pal_init"):
+            call()
+
+
+def test_missing_image_is_an_error_naming_the_file(tmp_path):
+    with pytest.raises(PalError, match="encl.bin"):
+        Pal().init("sim no-epm", image_dir=tmp_path)
+
+
+def test_without_sim_and_without_a_device_init_refuses(images):
+    if os.path.exists("/dev/sgx_enclave"):
+        pytest.skip("this host has an SGX device")
+    with pytest.raises(PalError) as e:
+        Pal().init("no-epm", image_dir=images / "8", environ={})
+    assert e.value.errno == errno.ENODEV
+    assert "sim" in str(e.value)
+
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.mmap.restype = ctypes.c_void_p
+_libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int,
+                       ctypes.c_int, ctypes.c_long]
+_libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+_MAP_FIXED_NOREPLACE = 0x100000
+
+
+def _map_anonymous_at(addr):
+    got = _libc.mmap(addr, mmap.PAGESIZE, mmap.PROT_READ | mmap.PROT_WRITE,
+                     mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | _MAP_FIXED_NOREPLACE,
+                     -1, 0)
+    assert got == addr, f"could not place a page at {addr:#x}"
+    ctypes.memmove(got, b"mine", 4)
+    return got
