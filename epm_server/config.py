@@ -1,0 +1,177 @@
+"""The daemon's configuration: ``/etc/epm/config.toml`` read with tomllib.
+
+Keys follow the published daemon (``root``, ``db_path``, ``db_timeout``,
+``[grpc] address``, ``uid``, ``gid``, ``max_recv_message_size``,
+``max_send_message_size``); the published file is containerd-shaped, so the
+last four are accepted at the top level and inside ``[grpc]``. ``[handoff]``
+and ``[pool]`` are ours. Every key is checked; an error names it.
+"""
+
+import dataclasses
+import os
+import tomllib
+
+from epm_server.errors import ConfigError
+
+DEFAULT_PATH = "/etc/epm/config.toml"
+HANDOFF_SOCKET_NAME = "epm-handoff.sock"
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """Validated daemon settings; times are in seconds."""
+
+    root: str = "/var/local/epm"
+    db_path: str = "/var/local/epm/epm.db"
+    db_timeout: float = 10.0
+    uid: int | None = None
+    gid: int | None = None
+    max_recv_message_size: int = 16 * 1024 * 1024
+    max_send_message_size: int = 16 * 1024 * 1024
+    grpc_address: str = "/var/run/epm/epm.sock"
+    handoff_address: str | None = None
+    allowed_uids: tuple = ()
+    allowed_gids: tuple = ()
+    timeout: float = 5.0
+    idle_timeout: float = 60.0
+    max_total: int = 256
+    max_per_identity: int = 32
+
+    @property
+    def socket_dir(self):
+        """The directory of the gRPC socket, where legacy hand-offs happen."""
+        return os.path.dirname(self.grpc_address) or "."
+
+    @property
+    def handoff_path(self):
+        """The hand-off socket: configured, or beside the gRPC socket."""
+        return self.handoff_address or os.path.join(
+            self.socket_dir, HANDOFF_SOCKET_NAME)
+
+
+def _string(key, value):
+    if not isinstance(value, str):
+        raise ConfigError(f"{key}: expected a string, got {value!r}")
+    if not value:
+        raise ConfigError(f"{key}: expected a non-empty string")
+    return value
+
+
+def _path(key, value):
+    value = _string(key, value)
+    if not os.path.isabs(value):
+        raise ConfigError(f"{key}: expected an absolute path, got {value!r}")
+    return value
+
+
+def _id(key, value):
+    # bool is an int in Python; `uid = true` is a mistake, not uid 1.
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ConfigError(f"{key}: expected a non-negative integer, got {value!r}")
+    return value
+
+
+def _positive_int(key, value):
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise ConfigError(f"{key}: expected a positive integer, got {value!r}")
+    return value
+
+
+def _seconds(key, value):
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
+        raise ConfigError(f"{key}: expected a positive number of seconds, "
+                          f"got {value!r}")
+    return float(value)
+
+
+def _ids(key, value):
+    if not isinstance(value, list):
+        raise ConfigError(f"{key}: expected a list of integers, got {value!r}")
+    return tuple(_id(f"{key}[{i}]", v) for i, v in enumerate(value))
+
+
+# Table key -> (Config field, parser). "" is the top level.
+_GRPC_SHARED = {
+    "uid": ("uid", _id),
+    "gid": ("gid", _id),
+    "max_recv_message_size": ("max_recv_message_size", _positive_int),
+    "max_send_message_size": ("max_send_message_size", _positive_int),
+}
+_SCHEMA = {
+    "": {
+        "root": ("root", _path),
+        "db_path": ("db_path", _path),
+        "db_timeout": ("db_timeout", _seconds),
+        **_GRPC_SHARED,
+    },
+    "grpc": {"address": ("grpc_address", _path), **_GRPC_SHARED},
+    "handoff": {
+        "address": ("handoff_address", _path),
+        "allowed_uids": ("allowed_uids", _ids),
+        "allowed_gids": ("allowed_gids", _ids),
+        "timeout": ("timeout", _seconds),
+        "idle_timeout": ("idle_timeout", _seconds),
+    },
+    "pool": {
+        "max_total": ("max_total", _positive_int),
+        "max_per_identity": ("max_per_identity", _positive_int),
+    },
+}
+
+
+def parse(data):
+    """Build a Config from a parsed TOML document.
+
+    Raises ConfigError naming the first unknown key or bad value.
+    """
+    values = {}
+    for name, value in data.items():
+        if name in _SCHEMA and name != "":
+            if not isinstance(value, dict):
+                raise ConfigError(f"{name}: expected a table, got {value!r}")
+            _parse_table(name, value, values)
+        elif name in _SCHEMA[""]:
+            _parse_key("", name, value, values)
+        else:
+            raise ConfigError(f"{name}: unknown key")
+    return Config(**values)
+
+
+def _parse_table(table, data, values):
+    for name, value in data.items():
+        if name not in _SCHEMA[table]:
+            raise ConfigError(f"{table}.{name}: unknown key")
+        _parse_key(table, name, value, values)
+
+
+def _parse_key(table, name, value, values):
+    key = f"{table}.{name}" if table else name
+    field, parser = _SCHEMA[table][name]
+    if field in values:
+        raise ConfigError(f"{key}: set twice (top level and [grpc])")
+    values[field] = parser(key, value)
+
+
+def load(path=None):
+    """Read the config file at ``path``, or the default one.
+
+    A missing default file means defaults; a missing explicit file is an
+    error. Raises ConfigError for an unreadable file, bad TOML or a bad key.
+    """
+    explicit = path is not None
+    path = path or DEFAULT_PATH
+    try:
+        with open(path, "rb") as f:
+            data = tomllib.load(f)
+    except FileNotFoundError:
+        if explicit:
+            raise ConfigError(f"config file {path} does not exist") from None
+        return Config()
+    except OSError as e:
+        raise ConfigError(f"cannot read config file {path}: {e.strerror}") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{path}: invalid TOML: {e}") from None
+    try:
+        return parse(data)
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}") from None

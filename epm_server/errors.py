@@ -1,0 +1,64 @@
+"""The daemon's errors: one hierarchy, each class carrying its status code.
+
+The code is a gRPC status number. The hand-off protocol puts the same numbers
+in ``HandoffReply.code``, so the core can name a failure without knowing
+either transport; ``service.py`` turns the number into a gRPC status.
+"""
+
+
+class EpmError(Exception):
+    """Base of every error the daemon reports to a client."""
+
+    code = 13  # INTERNAL
+
+
+class InvalidArgument(EpmError):
+    """A request field has a bad value; the message names the field."""
+
+    code = 3
+
+
+class NotFound(EpmError):
+    """No pool entry has the requested ID."""
+
+    code = 5
+
+
+class AlreadyExists(EpmError):
+    """A pool entry (or legacy socket path) with this ID exists already."""
+
+    code = 6
+
+
+class PermissionDenied(EpmError):
+    """The peer may not use the socket or act on this entry."""
+
+    code = 7
+
+
+class ResourceExhausted(EpmError):
+    """A capacity limit (pool size, connection count) is reached."""
+
+    code = 8
+
+
+class FailedPrecondition(EpmError):
+    """The entry is not in a state that allows the operation."""
+
+    code = 9
+
+
+class Unimplemented(EpmError):
+    """The pool type exists in the API but is not built yet."""
+
+    code = 12
+
+
+class Unavailable(EpmError):
+    """The operation failed for a transient reason (a peer went away)."""
+
+    code = 14
+
+
+class ConfigError(Exception):
+    """The configuration file is missing, unreadable or has a bad key."""

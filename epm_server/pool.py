@@ -1,0 +1,264 @@
+"""The enclave pool: entries, their states, and the one guard on transitions.
+
+An entry's life (DESIGN section 4)::
+
+    pending --receive_fd--> held --save_final--> available --lease--> leased
+    leased --hand_out--> handed out      (the daemon closed its copy)
+    leased --release--> available        (the hand-off failed)
+    available --delete--> deleted        (DeleteCache, flush)
+    pending|held --discard--> discarded  (fd never came, owner gone)
+
+Entries in the last three states have left the pool and their fd is closed.
+One lock guards the table; nothing here does socket I/O, so callers lease an
+entry, send its fd without the lock, then hand it out or release it.
+"""
+
+import dataclasses
+import enum
+import os
+import threading
+import time
+import uuid
+
+import structlog
+
+from epm_server.errors import (
+    AlreadyExists, FailedPrecondition, NotFound, PermissionDenied,
+    ResourceExhausted, Unavailable)
+
+log = structlog.get_logger(__name__)
+
+# Legacy check-outs name a subtype only (published clients know no identity).
+ANY_IDENTITY = object()
+
+
+class State(enum.Enum):
+    """Where an entry is in its life; the value is what logs and ListCache show."""
+
+    PENDING = "pending"
+    HELD = "held"
+    AVAILABLE = "available"
+    LEASED = "leased"
+    HANDED_OUT = "handed_out"
+    DELETED = "deleted"
+    DISCARDED = "discarded"
+
+
+_GONE = frozenset({State.HANDED_OUT, State.DELETED, State.DISCARDED})
+
+# Operation -> (states it may start from, state it leads to).
+_OPERATIONS = {
+    "receive_fd": ({State.PENDING}, State.HELD),
+    "save_final": ({State.HELD}, State.AVAILABLE),
+    "lease": ({State.AVAILABLE}, State.LEASED),
+    "hand_out": ({State.LEASED}, State.HANDED_OUT),
+    "release": ({State.LEASED}, State.AVAILABLE),
+    "delete": ({State.AVAILABLE}, State.DELETED),
+    "discard": ({State.PENDING, State.HELD}, State.DISCARDED),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Owner:
+    """The process that checked an enclave in (from SO_PEERCRED)."""
+
+    pid: int
+    uid: int
+
+
+@dataclasses.dataclass(frozen=True)
+class Entry:
+    """A snapshot of one pool entry; the pool replaces it on each transition.
+
+    ``fd`` is the daemon's descriptor (None while pending); it stays owned by
+    the pool, and a holder of a leased snapshot may only send it.
+    """
+
+    id: str
+    subtype: str
+    identity: object
+    layout: tuple
+    fd: int | None
+    state: State
+    owner: Owner | None
+    created: int
+
+
+class Pool:
+    """The enclave-cache-pool: thread-safe, bounded in total and per identity."""
+
+    def __init__(self, max_total, max_per_identity):
+        self._max_total = max_total
+        self._max_per_identity = max_per_identity
+        self._lock = threading.Lock()
+        # Insertion order is creation order: the first match is the oldest.
+        self._entries = {}
+        self._closed = False
+
+    def __len__(self):
+        with self._lock:
+            return len(self._entries)
+
+    def get(self, entry_id):
+        """Return the entry's snapshot. Raises NotFound."""
+        with self._lock:
+            return self._find(entry_id)
+
+    def check_in(self, subtype, identity, layout, fd, owner, entry_id=None):
+        """Add a held entry that owns ``fd``; return its ID.
+
+        The pool owns ``fd`` only when this returns; on an error the caller
+        still does. Raises AlreadyExists, ResourceExhausted, Unavailable.
+        """
+        return self._add(entry_id, subtype, identity, layout, fd, State.HELD, owner)
+
+    def add_pending(self, entry_id, subtype, identity, layout):
+        """Add a pending entry whose fd comes later (legacy SaveCache).
+
+        Raises AlreadyExists, ResourceExhausted, Unavailable.
+        """
+        self._add(entry_id, subtype, identity, layout, None, State.PENDING, None)
+
+    def receive_fd(self, entry_id, fd, owner):
+        """Make a pending entry held with ``fd``, which the pool then owns.
+
+        Raises NotFound, or FailedPrecondition naming the entry's state (the
+        caller still owns ``fd`` then).
+        """
+        with self._lock:
+            entry = self._transition(entry_id, "receive_fd")
+            self._entries[entry_id] = dataclasses.replace(entry, fd=fd, owner=owner)
+
+    def save_final(self, entry_id, uid=None):
+        """Make a held entry available; ``uid`` (when known) must own it or be 0.
+
+        Raises NotFound, PermissionDenied, FailedPrecondition naming the state.
+        """
+        with self._lock:
+            entry = self._find(entry_id)
+            if (uid is not None and uid != 0 and entry.owner is not None
+                    and uid != entry.owner.uid):
+                raise PermissionDenied(f"enclave {entry_id} belongs to uid "
+                                       f"{entry.owner.uid}, not {uid}")
+            self._transition(entry_id, "save_final")
+
+    def lease(self, subtype, identity):
+        """Lease the oldest available entry matching subtype and identity.
+
+        ``identity`` ANY_IDENTITY matches on the subtype alone. Returns the
+        leased snapshot, or None when nothing matches.
+        """
+        with self._lock:
+            for entry in self._entries.values():
+                if (entry.state is State.AVAILABLE and entry.subtype == subtype
+                        and (identity is ANY_IDENTITY or entry.identity == identity)):
+                    return self._transition(entry.id, "lease")
+        return None
+
+    def hand_out(self, entry_id):
+        """The leased fd reached its client: close the daemon's copy, drop it.
+
+        Raises NotFound, FailedPrecondition.
+        """
+        with self._lock:
+            self._transition(entry_id, "hand_out")
+
+    def release(self, entry_id):
+        """The hand-off failed: make the leased entry available again.
+
+        Raises NotFound, FailedPrecondition.
+        """
+        with self._lock:
+            self._transition(entry_id, "release")
+
+    def delete(self, entry_id, subtype=""):
+        """Close and drop an available entry (of ``subtype`` when given).
+
+        Raises NotFound, FailedPrecondition naming the state.
+        """
+        with self._lock:
+            entry = self._find(entry_id)
+            if subtype and entry.subtype != subtype:
+                raise NotFound(f"no enclave {entry_id} of subtype {subtype!r}")
+            self._transition(entry_id, "delete")
+
+    def discard(self, entry_id):
+        """Drop a pending or held entry whose state is unknown.
+
+        Raises NotFound, FailedPrecondition.
+        """
+        with self._lock:
+            self._transition(entry_id, "discard")
+
+    def entries(self, subtype="", after="", limit=0, states=None):
+        """Snapshots in ID order, with ID > ``after``, at most ``limit`` (0: all).
+
+        ``subtype`` and ``states`` filter when given.
+        """
+        with self._lock:
+            found = sorted((e for e in self._entries.values()
+                            if (not subtype or e.subtype == subtype)
+                            and (states is None or e.state in states)
+                            and e.id > after), key=lambda e: e.id)
+        return found[:limit] if limit > 0 else found
+
+    def close(self):
+        """Close every fd the pool owns and refuse further check-ins.
+
+        Callers stop their hand-offs first: a leased fd is closed too.
+        """
+        with self._lock:
+            self._closed = True
+            entries, self._entries = list(self._entries.values()), {}
+            for entry in entries:
+                if entry.fd is not None:
+                    os.close(entry.fd)
+        log.debug("pool_closed", closed=len(entries))
+
+    def _add(self, entry_id, subtype, identity, layout, fd, state, owner):
+        with self._lock:
+            if self._closed:
+                raise Unavailable("the daemon is shutting down")
+            entry_id = entry_id or uuid.uuid4().hex
+            if entry_id in self._entries:
+                raise AlreadyExists(f"enclave {entry_id} is already in the pool")
+            if len(self._entries) >= self._max_total:
+                raise ResourceExhausted(
+                    f"pool is full: {self._max_total} enclaves in total")
+            same = sum(1 for e in self._entries.values() if e.identity == identity)
+            if same >= self._max_per_identity:
+                raise ResourceExhausted(f"pool is full: {self._max_per_identity} "
+                                        "enclaves of this identity")
+            entry = Entry(id=entry_id, subtype=subtype, identity=identity,
+                          layout=tuple(layout), fd=fd, state=state, owner=owner,
+                          created=int(time.time()))
+            self._entries[entry_id] = entry
+        log.debug("enclave_state", state=state.value, id=entry_id, subtype=subtype)
+        return entry_id
+
+    def _find(self, entry_id):
+        try:
+            return self._entries[entry_id]
+        except KeyError:
+            raise NotFound(f"no enclave {entry_id} in the pool") from None
+
+    def _transition(self, entry_id, operation):
+        """The guard: apply ``operation`` or refuse it naming the state.
+
+        Called with the lock held; returns the new snapshot.
+        """
+        entry = self._find(entry_id)
+        sources, target = _OPERATIONS[operation]
+        if entry.state not in sources:
+            raise FailedPrecondition(f"cannot {operation.replace('_', ' ')} "
+                                     f"enclave {entry_id}: it is {entry.state.value}")
+        entry = dataclasses.replace(entry, state=target)
+        if target in _GONE:
+            del self._entries[entry_id]
+            if entry.fd is not None:
+                os.close(entry.fd)
+        else:
+            self._entries[entry_id] = entry
+        log.debug("enclave_state", state=target.value, id=entry_id,
+                  subtype=entry.subtype)
+        return entry

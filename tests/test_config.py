@@ -1,0 +1,81 @@
+"""The config file: defaults, every key checked, errors that name the key."""
+
+import pytest
+
+from epm_server import config
+from epm_server.errors import ConfigError
+
+
+def write(tmp_path, text):
+    path = tmp_path / "config.toml"
+    path.write_text(text)
+    return str(path)
+
+
+def test_missing_default_file_means_defaults(monkeypatch, tmp_path):
+    monkeypatch.setattr(config, "DEFAULT_PATH", str(tmp_path / "absent.toml"))
+    cfg = config.load()
+    assert cfg.grpc_address == "/var/run/epm/epm.sock"
+    assert cfg.handoff_path == "/var/run/epm/epm-handoff.sock"
+    assert cfg.root == "/var/local/epm"
+    assert (cfg.timeout, cfg.idle_timeout) == (5.0, 60.0)
+    assert cfg.uid is None and cfg.gid is None
+
+
+def test_missing_explicit_file_is_an_error(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        config.load(str(tmp_path / "absent.toml"))
+
+
+def test_all_keys_are_read(tmp_path):
+    cfg = config.load(write(tmp_path, """
+root = "/srv/epm"
+db_path = "/srv/epm/epm.db"
+db_timeout = 3
+uid = 1000
+gid = 1001
+max_recv_message_size = 1024
+[grpc]
+address = "/run/x/epm.sock"
+max_send_message_size = 2048
+[handoff]
+address = "/run/y/h.sock"
+allowed_uids = [5, 6]
+allowed_gids = [7]
+timeout = 0.5
+idle_timeout = 9
+[pool]
+max_total = 10
+max_per_identity = 2
+"""))
+    assert cfg.root == "/srv/epm" and cfg.db_timeout == 3.0
+    assert (cfg.uid, cfg.gid) == (1000, 1001)
+    assert (cfg.max_recv_message_size, cfg.max_send_message_size) == (1024, 2048)
+    assert cfg.socket_dir == "/run/x"
+    assert cfg.handoff_path == "/run/y/h.sock"
+    assert cfg.allowed_uids == (5, 6) and cfg.allowed_gids == (7,)
+    assert (cfg.timeout, cfg.idle_timeout) == (0.5, 9.0)
+    assert (cfg.max_total, cfg.max_per_identity) == (10, 2)
+
+
+def test_handoff_socket_defaults_beside_grpc_socket(tmp_path):
+    cfg = config.load(write(tmp_path, '[grpc]\naddress = "/tmp/a/epm.sock"\n'))
+    assert cfg.handoff_path == "/tmp/a/epm-handoff.sock"
+
+
+@pytest.mark.parametrize("text, message", [
+    ("[grpc]\naddress = 3\n", "grpc.address: expected a string, got 3"),
+    ("colour = 1\n", "colour: unknown key"),
+    ("[grpc]\nport = 1\n", "grpc.port: unknown key"),
+    ("[pool]\nmax_total = 0\n", "pool.max_total: expected a positive integer"),
+    ("uid = true\n", "uid: expected a non-negative integer"),
+    ("[handoff]\ntimeout = -1\n", "handoff.timeout: expected a positive number"),
+    ("[handoff]\nallowed_uids = [1, \"x\"]\n", "handoff.allowed_uids[1]"),
+    ("grpc = 1\n", "grpc: expected a table"),
+    ("root = \"relative\"\n", "root: expected an absolute path"),
+    ("uid = 1\n[grpc]\nuid = 2\n", "grpc.uid: set twice"),
+    ("[grpc\n", "invalid TOML"),
+])
+def test_bad_value_is_named(tmp_path, text, message):
+    with pytest.raises(ConfigError, match=message.replace("[", r"\[")):
+        config.load(write(tmp_path, text))

@@ -1,0 +1,177 @@
+"""The pool: transitions and their guard, matching, capacity, fd ownership."""
+
+import os
+
+import pytest
+
+from epm_server.enclave import Identity, LayoutEntry
+from epm_server.errors import (
+    AlreadyExists, FailedPrecondition, NotFound, PermissionDenied,
+    ResourceExhausted)
+from epm_server.pool import ANY_IDENTITY, Owner, Pool, State
+
+IDENTITY = Identity(mrenclave=b"\1" * 32, mrsigner=b"\2" * 32, attributes=4,
+                    xfrm=3, size=8192, backend="sim")
+OTHER = Identity(mrenclave=b"\3" * 32, mrsigner=b"\2" * 32, attributes=4,
+                 xfrm=3, size=8192, backend="sim")
+LAYOUT = (LayoutEntry(0x10000, 8192, True, True, False, True, False),)
+OWNER = Owner(pid=1, uid=1000)
+
+
+def fd_is_open(fd):
+    # readlink, not listdir: listing opens a descriptor, which would take the
+    # number just closed and make it look open.
+    return os.path.lexists(f"/proc/self/fd/{fd}")
+
+
+def new_fd():
+    return os.memfd_create("test")
+
+
+def check_in(pool, identity=IDENTITY, subtype="skeleton", fd=None):
+    fd = new_fd() if fd is None else fd
+    return pool.check_in(subtype, identity, LAYOUT, fd, OWNER), fd
+
+
+def available(pool, **kwargs):
+    entry_id, fd = check_in(pool, **kwargs)
+    pool.save_final(entry_id)
+    return entry_id, fd
+
+
+def test_check_in_is_held_and_save_final_makes_available():
+    pool = Pool(10, 10)
+    entry_id, fd = check_in(pool)
+    assert pool.get(entry_id).state is State.HELD
+    pool.save_final(entry_id)
+    assert pool.get(entry_id).state is State.AVAILABLE
+    pool.close()
+
+
+def test_guard_names_the_state():
+    pool = Pool(10, 10)
+    entry_id, _ = available(pool)
+    with pytest.raises(FailedPrecondition, match="it is available"):
+        pool.save_final(entry_id)
+    pool.lease("skeleton", IDENTITY)
+    with pytest.raises(FailedPrecondition, match="cannot delete .* it is leased"):
+        pool.delete(entry_id)
+    pool.close()
+
+
+def test_unknown_id_is_not_found():
+    pool = Pool(10, 10)
+    with pytest.raises(NotFound):
+        pool.save_final("nope")
+
+
+def test_save_final_by_another_uid_is_refused():
+    pool = Pool(10, 10)
+    entry_id, _ = check_in(pool)
+    with pytest.raises(PermissionDenied):
+        pool.save_final(entry_id, uid=1001)
+    pool.save_final(entry_id, uid=0)
+    pool.close()
+
+
+def test_lease_hand_out_closes_the_fd_and_drops_the_entry():
+    pool = Pool(10, 10)
+    entry_id, fd = available(pool)
+    entry = pool.lease("skeleton", IDENTITY)
+    assert entry.id == entry_id and entry.state is State.LEASED
+    assert pool.lease("skeleton", IDENTITY) is None
+    pool.hand_out(entry_id)
+    assert not fd_is_open(fd)
+    assert len(pool) == 0
+
+
+def test_release_returns_a_leased_entry():
+    pool = Pool(10, 10)
+    entry_id, fd = available(pool)
+    pool.lease("skeleton", IDENTITY)
+    pool.release(entry_id)
+    assert pool.get(entry_id).state is State.AVAILABLE
+    assert fd_is_open(fd)
+    pool.close()
+    assert not fd_is_open(fd)
+
+
+def test_oldest_available_first():
+    pool = Pool(10, 10)
+    first, _ = available(pool)
+    available(pool)
+    assert pool.lease("skeleton", IDENTITY).id == first
+    pool.close()
+
+
+def test_identity_and_subtype_must_match_exactly():
+    pool = Pool(10, 10)
+    available(pool)
+    assert pool.lease("skeleton", OTHER) is None
+    assert pool.lease("skeleton-1", IDENTITY) is None
+    assert pool.lease("skeleton-1", ANY_IDENTITY) is None
+    assert pool.lease("skeleton", ANY_IDENTITY) is not None
+    pool.close()
+
+
+def test_held_entries_are_never_leased():
+    pool = Pool(10, 10)
+    check_in(pool)
+    assert pool.lease("skeleton", IDENTITY) is None
+    pool.close()
+
+
+def test_capacity_per_identity_and_total():
+    pool = Pool(3, 2)
+    check_in(pool)
+    check_in(pool)
+    fd = new_fd()
+    with pytest.raises(ResourceExhausted, match="of this identity"):
+        check_in(pool, fd=fd)
+    check_in(pool, identity=OTHER, fd=fd)
+    with pytest.raises(ResourceExhausted, match="in total"):
+        check_in(pool, identity=OTHER)
+    pool.close()
+
+
+def test_delete_closes_an_available_entry():
+    pool = Pool(10, 10)
+    entry_id, fd = available(pool)
+    with pytest.raises(NotFound):
+        pool.delete(entry_id, subtype="other")
+    pool.delete(entry_id)
+    assert not fd_is_open(fd)
+    assert len(pool) == 0
+
+
+def test_pending_entry_receives_its_fd():
+    pool = Pool(10, 10)
+    pool.add_pending("legacy-1", "skeleton", None, LAYOUT)
+    with pytest.raises(AlreadyExists):
+        pool.add_pending("legacy-1", "skeleton", None, LAYOUT)
+    with pytest.raises(FailedPrecondition, match="it is pending"):
+        pool.save_final("legacy-1")
+    fd = new_fd()
+    pool.receive_fd("legacy-1", fd, OWNER)
+    assert pool.get("legacy-1").state is State.HELD
+    pool.discard("legacy-1")
+    assert not fd_is_open(fd)
+
+
+def test_entries_in_id_order_after_cursor():
+    pool = Pool(10, 10)
+    for name in ("c", "a", "b"):
+        pool.add_pending(name, "skeleton", None, LAYOUT)
+    pool.add_pending("d", "other", None, LAYOUT)
+    assert [e.id for e in pool.entries()] == ["a", "b", "c", "d"]
+    assert [e.id for e in pool.entries(after="a", limit=1)] == ["b"]
+    assert [e.id for e in pool.entries(subtype="other")] == ["d"]
+    pool.close()
+
+
+def test_close_closes_every_fd():
+    pool = Pool(10, 10)
+    _, held = check_in(pool)
+    _, ready = available(pool)
+    pool.close()
+    assert not fd_is_open(held) and not fd_is_open(ready)
