@@ -53,16 +53,24 @@ def recv_frame(sock, deadline, idle_deadline=None):
     """Receive one frame; return ``(payload, fds)``, or None at a clean EOF.
 
     ``idle_deadline`` bounds the wait for the first byte (a connection kept
-    open between requests), ``deadline`` the rest of the frame. The caller
-    owns the returned descriptors. Raises FramingError on a short, oversized
-    or slow frame, closing any descriptors received with it.
+    open between requests); the rest of the frame then gets as long as
+    ``deadline`` allowed when the call began. Without it, ``deadline`` bounds
+    the whole frame. The caller owns the returned descriptors. Raises
+    FramingError on a short, oversized or slow frame, closing any descriptors
+    received with it.
     """
     fds = []
+    budget = deadline - time.monotonic()
     try:
-        header = _recv_exact(sock, HEADER.size, idle_deadline or deadline,
-                             deadline, fds, allow_eof=True)
-        if header is None:
+        first = _recv_exact(sock, 1, idle_deadline or deadline, deadline, fds,
+                            allow_eof=True)
+        if first is None:
             return None
+        if idle_deadline is not None:
+            # The frame's time runs from its first byte: a request that comes
+            # after a long idle wait still gets the whole per-frame budget.
+            deadline = time.monotonic() + budget
+        header = first + _recv_exact(sock, HEADER.size - 1, deadline, deadline, fds)
         (length,) = HEADER.unpack(header)
         if length > MAX_FRAME:
             raise FramingError(f"frame length {length} exceeds {MAX_FRAME}")
