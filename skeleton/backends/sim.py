@@ -1,0 +1,111 @@
+"""The sim backend: an enclave whose memory is a sealed memfd (DESIGN §5).
+
+ECREATE, EADD and EEXTEND measure exactly as hardware does; EINIT checks the
+SIGSTRUCT as hardware would. What is not simulated: the memory is not
+encrypted nor isolated from the host, which is why sim is only ever chosen
+explicitly.
+"""
+
+import fcntl
+import os
+
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import padding, rsa
+
+from epm_client.types import LayoutEntry
+from skeleton.enclave import Enclave, release, reserve_aligned
+from skeleton.errors import EinitError
+from skeleton.measure import Measurement, pages
+from skeleton.structs import PAGE_SIZE, signed_bytes
+
+BACKEND = "sim"
+MEMFD_NAME = "epm-sim-enclave"
+# A pooled enclave's memfd travels to other processes: none may resize it.
+SEALS = fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SEAL
+SIGSTRUCT_EXPONENT = 3
+
+
+def build(image, *, attributes=None, xfrm=None):
+    """Build, initialize and map an enclave from an image; returns the Enclave.
+
+    The SECS attributes and XFRM are the SIGSTRUCT's unless given (as a loader
+    may request others). Raises EinitError when EINIT refuses the enclave.
+    """
+    secs_attributes = image.sigstruct.attributes if attributes is None else attributes
+    secs_xfrm = image.sigstruct.xfrm if xfrm is None else xfrm
+    geometry = image.geometry
+    fd = os.memfd_create(MEMFD_NAME, os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+    reservation = enclave = None
+    try:
+        os.ftruncate(fd, geometry.enclave_size)
+        fcntl.fcntl(fd, fcntl.F_ADD_SEALS, SEALS)
+        if geometry.encl_offset:
+            # NULL-dereference protection: the enclave starts at address 0.
+            base = 0
+        else:
+            base = reserve_aligned(geometry.enclave_size)
+            reservation = (base, geometry.enclave_size)
+
+        # ECREATE, then EADD and EEXTEND page by page. The memfd offset is the
+        # offset from the enclave base; zero pages are already zero in it.
+        measurement = Measurement(geometry.enclave_size, geometry.ssa_frame_pages)
+        for offset, flags, page in pages(image.data, geometry):
+            measurement.add_page(offset, flags, page)
+            if page is not None:
+                os.pwrite(fd, page, offset)
+        einit(image, measurement.digest(), secs_attributes, secs_xfrm)
+
+        start = base + geometry.encl_offset
+        layout = [
+            LayoutEntry(start, PAGE_SIZE, read=True, write=True, share=True),
+            LayoutEntry(start + PAGE_SIZE, geometry.mmap_size - PAGE_SIZE,
+                        read=True, write=True, execute=True, share=True),
+        ]
+        enclave = Enclave(fd, layout, image.identity(BACKEND), base=base,
+                          reservation=reservation)
+        enclave.map()
+        return enclave
+    except BaseException:
+        if enclave is not None:
+            enclave.close()
+        else:
+            if reservation:
+                release(*reservation)
+            os.close(fd)
+        raise
+
+
+def einit(image, mrenclave, attributes, xfrm, miscselect=0):
+    """Check an enclave's SIGSTRUCT as EINIT does (SDM Vol. 3D, 38.4 EINIT).
+
+    Raises EinitError naming the reason: bad signature, MRENCLAVE mismatch, or
+    attributes, XFRM or MISCSELECT outside the SIGSTRUCT's masks.
+    """
+    sig = image.sigstruct
+    if sig.exponent != SIGSTRUCT_EXPONENT:
+        raise EinitError(f"SIGSTRUCT exponent is {sig.exponent}, expected 3")
+    modulus = int.from_bytes(sig.modulus, "little")
+    signature = int.from_bytes(sig.signature, "little")
+    try:
+        key = rsa.RSAPublicNumbers(SIGSTRUCT_EXPONENT, modulus).public_key()
+        key.verify(signature.to_bytes(len(sig.signature), "big"),
+                   signed_bytes(image.sigstruct_bytes), padding.PKCS1v15(),
+                   hashes.SHA256())
+    except (InvalidSignature, ValueError):
+        raise EinitError("SIGSTRUCT signature does not verify with its modulus") \
+            from None
+    q1 = signature ** 2 // modulus
+    q2 = (signature ** 3 - q1 * signature * modulus) // modulus
+    if (int.from_bytes(sig.q1, "little"), int.from_bytes(sig.q2, "little")) != (q1, q2):
+        raise EinitError("SIGSTRUCT q1/q2 do not match its signature")
+    if mrenclave != sig.enclave_hash:
+        raise EinitError(f"MRENCLAVE mismatch: measured {mrenclave.hex()}, "
+                         f"SIGSTRUCT has {sig.enclave_hash.hex()}")
+    for name, secs, signed, mask in (
+            ("attributes", attributes, sig.attributes, sig.attributes_mask),
+            ("XFRM", xfrm, sig.xfrm, sig.xfrm_mask),
+            ("MISCSELECT", miscselect, sig.miscselect, sig.miscmask)):
+        if secs & mask != signed & mask:
+            raise EinitError(f"{name} {secs:#x} outside the SIGSTRUCT's: expected "
+                             f"{signed:#x} under mask {mask:#x}")

@@ -1,0 +1,198 @@
+"""An enclave in this process: its fd, its layout, and the memory mapped from it.
+
+Mapping goes through libc's mmap (cffi ABI mode) rather than Python's mmap
+module, because an enclave must sit at fixed addresses: its base is part of
+what was measured. MAP_FIXED_NOREPLACE makes the kernel refuse, instead of
+replace, an address this process already uses (DESIGN §3 and §5).
+"""
+
+import errno
+import os
+
+import cffi
+
+from skeleton.errors import BackendError, MappingConflict, SkeletonError
+from skeleton.structs import PAGE_SIZE, TCS
+
+ffi = cffi.FFI()
+ffi.cdef("""
+void *mmap(void *addr, size_t length, int prot, int flags, int fd, int64_t offset);
+int munmap(void *addr, size_t length);
+""")
+_libc = ffi.dlopen(None)
+
+PROT_NONE = 0
+MAP_PRIVATE = 0x02
+MAP_FIXED = 0x10
+MAP_ANONYMOUS = 0x20
+MAP_NORESERVE = 0x4000
+MAP_FIXED_NOREPLACE = 0x100000  # Linux 4.17
+_MAP_FAILED = ffi.cast("void *", -1)
+# ECALL 0 writes the NUL-terminated greeting; this is ample room for it.
+GREETING_BUFFER = 256
+ECALL_INIT = 0
+
+
+def _mmap(addr, size, prot, flags, fd=-1, offset=0):
+    """mmap(2); returns the address, or raises OSError with the errno."""
+    ptr = _libc.mmap(ffi.cast("void *", addr), size, prot, flags, fd, offset)
+    if ptr == _MAP_FAILED:
+        err = ffi.errno
+        raise OSError(err, os.strerror(err))
+    return int(ffi.cast("uintptr_t", ptr))
+
+
+def release(addr, size):
+    """munmap(2) a range this process mapped."""
+    if _libc.munmap(ffi.cast("void *", addr), size):
+        err = ffi.errno
+        raise OSError(err, f"munmap {addr:#x}: {os.strerror(err)}")
+
+
+def reserve_aligned(size):
+    """Reserve ``size`` bytes of address space aligned to ``size``; returns the base.
+
+    SECS.BASEADDR must be naturally aligned to SECS.SIZE (SDM Vol. 3D, 34.7),
+    so reserve twice the size, keep the aligned middle and give back the rest.
+    """
+    start = _mmap(0, 2 * size, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE)
+    base = -(-start // size) * size
+    if base > start:
+        release(start, base - start)
+    if start + 2 * size > base + size:
+        release(base + size, start + size - base)
+    return base
+
+
+class Enclave:
+    """An initialized enclave: an fd plus the layout it must be mapped at.
+
+    ``oentry`` is the entry point as an offset from ``base``, read from the TCS
+    page (the first layout entry) once mapped; it is None while unmapped.
+    """
+
+    def __init__(self, fd, layout, identity, *, base=None, reservation=None):
+        self.fd = fd
+        self.layout = list(layout)
+        self.identity = identity
+        self.backend = identity.backend
+        self.base = _base_of(self.layout, identity.size) if base is None else base
+        self.oentry = None
+        self._mapped = []
+        # Address space this process reserved for the enclave, which map() may
+        # replace and unmap() gives back.
+        self._reservation = reservation
+        self._closed = False
+
+    @classmethod
+    def adopt(cls, fd, layout, identity):
+        """Wrap an enclave fd received from elsewhere (e.g. the pool), not mapped."""
+        return cls(fd, layout, identity)
+
+    @property
+    def mapped(self):
+        return bool(self._mapped)
+
+    def map(self):
+        """Map every layout entry at its address.
+
+        Raises MappingConflict when an address is already mapped in this
+        process, after undoing what was mapped; existing mappings are untouched.
+        """
+        if self._closed:
+            raise SkeletonError("the enclave is closed")
+        if self._mapped:
+            raise SkeletonError(f"the enclave at {self.base:#x} is already mapped")
+        try:
+            for entry in self.layout:
+                self._map_entry(entry)
+        except BaseException:
+            self._release_entries()
+            raise
+        tcs = ffi.buffer(ffi.cast("char *", self.layout[0].addr), PAGE_SIZE)
+        self.oentry = TCS.get(tcs, "oentry")
+
+    def _map_entry(self, entry):
+        reserved_addr, reserved_size = self._reservation or (0, 0)
+        inside = (reserved_addr <= entry.addr
+                  and entry.addr + entry.size <= reserved_addr + reserved_size)
+        flags = entry.flags | (MAP_FIXED if inside else MAP_FIXED_NOREPLACE)
+        try:
+            addr = _mmap(entry.addr, entry.size, entry.prot, flags, self.fd,
+                         entry.addr - self.base)
+        except OSError as e:
+            if e.errno == errno.EEXIST:
+                raise MappingConflict(f"enclave range {entry.addr:#x}+{entry.size:#x}"
+                                      " is already mapped in this process") from None
+            raise BackendError(f"cannot map enclave range {entry.addr:#x}+"
+                               f"{entry.size:#x}: {e.strerror}") from None
+        if addr != entry.addr:
+            # A kernel older than 4.17 takes the address as a hint only.
+            release(addr, entry.size)
+            raise MappingConflict(f"enclave range {entry.addr:#x}+{entry.size:#x} "
+                                  f"is in use (the kernel offered {addr:#x})")
+        self._mapped.append((entry.addr, entry.size))
+
+    def _release_entries(self):
+        while self._mapped:
+            release(*self._mapped.pop())
+
+    def ecall(self, op):
+        """Call the enclave's entry function; ECALL 0 returns the greeting.
+
+        Raises BackendError when this backend cannot run enclave code here and
+        SkeletonError for an unmapped enclave or an unknown ECALL.
+        """
+        if op != ECALL_INIT:
+            raise SkeletonError(f"ECALL {op} is not implemented")
+        if self.backend != "sim":
+            raise BackendError(f"ECALL on the {self.backend} backend needs EENTER, "
+                               "which is not implemented")
+        if not self._mapped:
+            raise SkeletonError("ECALL on an enclave that is not mapped")
+        entry = self.base + self.oentry
+        if not any(e.execute and e.addr <= entry < e.addr + e.size
+                   for e in self.layout):
+            raise SkeletonError(f"enclave entry {entry:#x} is not in executable memory")
+        buf = ffi.new("char[]", GREETING_BUFFER)
+        ffi.cast("void (*)(uint64_t, void *)", entry)(op, buf)
+        return ffi.string(buf, GREETING_BUFFER).decode()
+
+    def unmap(self):
+        """Unmap the enclave's memory and any address space reserved for it."""
+        self._release_entries()
+        if self._reservation:
+            release(*self._reservation)
+            self._reservation = None
+        self.oentry = None
+
+    def close(self):
+        """Unmap if mapped and close the fd; safe to call more than once."""
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            self.unmap()
+        finally:
+            os.close(self.fd)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def _base_of(layout, size):
+    """The enclave base: every layout entry lies in [base, base + size), and the
+    base is aligned to the power-of-two size (SDM Vol. 3D, 34.7)."""
+    if not layout:
+        raise SkeletonError("an enclave layout needs at least its TCS entry")
+    if size < PAGE_SIZE or size & (size - 1):
+        raise SkeletonError(f"enclave size {size:#x} is not a power of two")
+    base = layout[0].addr & ~(size - 1)
+    for entry in layout:
+        if not (base <= entry.addr and entry.addr + entry.size <= base + size):
+            raise SkeletonError(f"layout entry {entry.addr:#x}+{entry.size:#x} is "
+                                f"outside the enclave [{base:#x}, +{size:#x})")
+    return base

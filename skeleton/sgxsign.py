@@ -1,0 +1,204 @@
+"""``sgxsign``: sign a skeleton enclave image, writing its SIGSTRUCT (encl.ss).
+
+The signer first writes the metadata record (mmap size, NULL-dereference
+protection) into the image in place, then measures the image as the loader
+will lay it out and signs the SIGSTRUCT with an RSA-3072 key of exponent 3.
+"""
+
+import argparse
+import datetime
+import os
+import pathlib
+import sys
+
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import padding, rsa
+
+from skeleton.errors import ImageError, SigningError
+from skeleton.image import read_pages
+from skeleton.measure import Geometry, measure
+from skeleton.structs import (ATTR_DEBUG, ATTR_MODE64BIT, DEBUG_MARKER,
+                              DEBUG_MARKER_OFFSET, METADATA, PAGE_SIZE, SIGSTRUCT,
+                              SIGSTRUCT_HEADER, SIGSTRUCT_HEADER2, XFRM_LEGACY,
+                              signed_bytes)
+
+KEY_BITS = 3072
+EXPONENT = 3  # SGX requires e = 3 (SDM Vol. 3D, 34.14)
+ALL_ONES = (1 << 64) - 1
+MODULUS_BYTES = KEY_BITS // 8
+
+
+def generate_key(path):
+    """Write a new RSA-3072 private key with e=3 as PEM, readable by its owner."""
+    key = rsa.generate_private_key(public_exponent=EXPONENT, key_size=KEY_BITS)
+    pem = key.private_bytes(serialization.Encoding.PEM,
+                            serialization.PrivateFormat.TraditionalOpenSSL,
+                            serialization.NoEncryption())
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(pem)
+
+
+def load_key(path):
+    """The RSA private key in a PEM file; raises SigningError unless SGX can use it."""
+    try:
+        key = serialization.load_pem_private_key(pathlib.Path(path).read_bytes(),
+                                                 password=None)
+    except OSError as e:
+        raise SigningError(f"{path}: cannot read key: {e.strerror}") from None
+    except (ValueError, TypeError) as e:
+        raise SigningError(f"{path}: not a PEM private key: {e}") from None
+    if not isinstance(key, rsa.RSAPrivateKey):
+        raise SigningError(f"{path}: expected an RSA key")
+    if key.key_size != KEY_BITS or key.public_key().public_numbers().e != EXPONENT:
+        raise SigningError(f"{path}: expected RSA-{KEY_BITS} with exponent "
+                           f"{EXPONENT}, got RSA-{key.key_size} with exponent "
+                           f"{key.public_key().public_numbers().e}")
+    return key
+
+
+def bcd_date(day):
+    """A date as the BCD u32 yyyymmdd, e.g. 2024-05-17 -> 0x20240517."""
+    return int(day.strftime("%Y%m%d"), 16)
+
+
+def check_options(attributes, attributes_mask, xfrm, product):
+    """Refuse what hardware would refuse or what would defeat a product enclave."""
+    if not attributes & ATTR_MODE64BIT:
+        raise SigningError(f"attributes {attributes:#x} lack 64-bit mode (bit 2), "
+                           "which the skeleton requires")
+    if xfrm & XFRM_LEGACY != XFRM_LEGACY:
+        raise SigningError(f"xfrm {xfrm:#x} lacks the legacy x87|SSE state "
+                           f"({XFRM_LEGACY:#x}), the minimum")
+    if product and attributes & ATTR_DEBUG:
+        raise SigningError("a product enclave (-N) must not have the debug attribute")
+    if product and not attributes_mask & ATTR_DEBUG:
+        raise SigningError("a product enclave (-N) must not mask out the debug "
+                           "attribute: it would allow debug launches")
+
+
+def write_metadata(image_path, max_mmap_size, null_dereference_protection,
+                   mmap_min_addr):
+    """Write the metadata record at the start of the image's last page, in place."""
+    data = read_pages(image_path)
+    record = METADATA.pack(max_mmap_size=max_mmap_size,
+                           null_dereference_protection=int(null_dereference_protection),
+                           mmap_min_addr=mmap_min_addr)
+    with open(image_path, "r+b") as f:
+        f.seek(len(data) - PAGE_SIZE)
+        f.write(record)
+
+
+def sign(key, image_path, output_path, *, mmap_size=0, attributes=None,
+         attributes_mask=ALL_ONES, xfrm=XFRM_LEGACY, xfrm_mask=ALL_ONES,
+         product=False, debug_enclave=False, null_dereference_protection=False,
+         mmap_min_addr=0, tbs_path=None, date=None):
+    """Sign an image: write its metadata, then its SIGSTRUCT to ``output_path``.
+
+    ``key`` is an RSA private key or the path of a PEM file. Returns the
+    SIGSTRUCT bytes. Raises SigningError for refused options or keys and
+    ImageError for an unusable image.
+    """
+    if not isinstance(key, rsa.RSAPrivateKey):
+        key = load_key(key)
+    if attributes is None:
+        attributes = ATTR_MODE64BIT
+    if debug_enclave:
+        attributes |= ATTR_DEBUG
+    check_options(attributes, attributes_mask, xfrm, product)
+    if mmap_min_addr % PAGE_SIZE:
+        raise SigningError(f"mmap_min_addr {mmap_min_addr:#x} is not page aligned")
+    miscselect = 0
+
+    write_metadata(image_path, mmap_size, null_dereference_protection, mmap_min_addr)
+    data = read_pages(image_path)
+    geometry = Geometry.of_image(data, xfrm, miscselect)
+    mrenclave = measure(data, geometry)
+
+    header = bytearray(SIGSTRUCT_HEADER)
+    if not product:
+        marker = int.from_bytes(header[DEBUG_MARKER_OFFSET:], "little") | DEBUG_MARKER
+        header[DEBUG_MARKER_OFFSET:] = marker.to_bytes(4, "little")
+    modulus = key.public_key().public_numbers().n
+    body = bytearray(SIGSTRUCT.pack(
+        header=bytes(header), vendor=0,
+        date=bcd_date(date or datetime.date.today()), header2=SIGSTRUCT_HEADER2,
+        modulus=modulus.to_bytes(MODULUS_BYTES, "little"), exponent=EXPONENT,
+        miscselect=miscselect, miscmask=0xFFFFFFFF, attributes=attributes,
+        xfrm=xfrm, attributes_mask=attributes_mask, xfrm_mask=xfrm_mask,
+        enclave_hash=mrenclave))
+    tbs = signed_bytes(body)
+    signature = int.from_bytes(key.sign(tbs, padding.PKCS1v15(), hashes.SHA256()),
+                               "big")
+    # q1 and q2 let the CPU check the signature without a division (SDM 34.14).
+    q1 = signature ** 2 // modulus
+    q2 = (signature ** 3 - q1 * signature * modulus) // modulus
+    for field, value in (("signature", signature), ("q1", q1), ("q2", q2)):
+        SIGSTRUCT.set(body, field, value.to_bytes(MODULUS_BYTES, "little"))
+
+    pathlib.Path(output_path).write_bytes(body)
+    if tbs_path is not None:
+        pathlib.Path(tbs_path).write_bytes(tbs)
+    return bytes(body)
+
+
+def _hex(text):
+    return int(text, 16)
+
+
+def _parser():
+    p = argparse.ArgumentParser(
+        prog="sgxsign", description="Sign a skeleton enclave image.",
+        usage="sgxsign [options] KEY IMAGE OUTPUT [SIGSTRUCT_TBS_OUT]\n"
+              "       sgxsign --genkey KEYFILE")
+    p.add_argument("--genkey", metavar="KEYFILE",
+                   help="write a new RSA-3072 key with exponent 3 and exit")
+    p.add_argument("-N", "--no-debugger", action="store_true",
+                   help="sign a product enclave (no debug marker, no debug attribute)")
+    p.add_argument("-D", "--debug-enclave", action="store_true",
+                   help="set the debug attribute")
+    p.add_argument("-s", "--mmap-size", type=lambda t: int(t, 0), default=0,
+                   metavar="BYTES", help="enclave mmap size (max_mmap_size)")
+    p.add_argument("-a", "--attrs", type=_hex, metavar="HEX",
+                   help="attributes (default 64-bit mode)")
+    p.add_argument("-A", "--attrs-mask", type=_hex, default=ALL_ONES, metavar="HEX")
+    p.add_argument("-x", "--xfrm", type=_hex, default=XFRM_LEGACY, metavar="HEX")
+    p.add_argument("-X", "--xfrm-mask", type=_hex, default=ALL_ONES, metavar="HEX")
+    p.add_argument("-n", "--null_dereference_protection", action="store_true",
+                   help="load the image above mmap_min_addr in an enclave at 0")
+    p.add_argument("-m", "--mmap_min_addr", type=_hex, default=0, metavar="HEX",
+                   help="image offset with -n (default 16 MiB)")
+    p.add_argument("files", nargs="*", metavar="KEY IMAGE OUTPUT [SIGSTRUCT_TBS_OUT]")
+    return p
+
+
+def main(argv=None):
+    """Entry point of the ``sgxsign`` console script; returns the exit code."""
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if args.genkey is not None and args.files:
+        parser.error("--genkey takes no other files")
+    if args.genkey is None and len(args.files) not in (3, 4):
+        parser.error("expected KEY IMAGE OUTPUT [SIGSTRUCT_TBS_OUT]")
+    try:
+        if args.genkey is not None:
+            generate_key(args.genkey)
+            return 0
+        key, image, output, *tbs = args.files
+        sign(key, image, output, mmap_size=args.mmap_size, attributes=args.attrs,
+             attributes_mask=args.attrs_mask, xfrm=args.xfrm,
+             xfrm_mask=args.xfrm_mask, product=args.no_debugger,
+             debug_enclave=args.debug_enclave,
+             null_dereference_protection=args.null_dereference_protection,
+             mmap_min_addr=args.mmap_min_addr, tbs_path=tbs[0] if tbs else None)
+    except (SigningError, ImageError) as e:
+        print(f"sgxsign: {e}", file=sys.stderr)
+        return 1
+    except OSError as e:
+        print(f"sgxsign: {e.filename}: {e.strerror}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
