@@ -1,0 +1,143 @@
+"""sgxsign: the SIGSTRUCT it writes, the metadata it stores, what it refuses."""
+
+import datetime
+import shutil
+import struct
+
+import pytest
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import padding, rsa
+
+from skeleton import build_image, sgxsign
+from skeleton.errors import SigningError
+
+PAGE = 4096
+
+
+@pytest.fixture(scope="module")
+def key_path(tmp_path_factory):
+    path = tmp_path_factory.mktemp("key") / "key.pem"
+    assert sgxsign.main(["--genkey", str(path)]) == 0
+    return path
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    path = tmp_path_factory.mktemp("build") / "encl.bin"
+    build_image.build(path)
+    return path
+
+
+@pytest.fixture
+def image(built, tmp_path):
+    path = tmp_path / "encl.bin"
+    shutil.copy(built, path)
+    return path
+
+
+def _field(sigstruct, offset, size):
+    return int.from_bytes(sigstruct[offset:offset + size], "little")
+
+
+def test_genkey_writes_rsa_3072_with_exponent_3(key_path):
+    key = serialization.load_pem_private_key(key_path.read_bytes(), None)
+
+    assert isinstance(key, rsa.RSAPrivateKey)
+    assert key.key_size == 3072
+    assert key.public_key().public_numbers().e == 3
+    assert key_path.stat().st_mode & 0o077 == 0
+
+
+def test_signature_verifies_over_the_signed_ranges(key_path, image, tmp_path):
+    out, tbs = tmp_path / "encl.ss", tmp_path / "tbs"
+
+    assert sgxsign.main([str(key_path), str(image), str(out), str(tbs)]) == 0
+
+    sig = out.read_bytes()
+    assert len(sig) == 1808 and sig[512:516] == struct.pack("<I", 3)
+    assert tbs.read_bytes() == sig[:128] + sig[900:1028]
+    n = _field(sig, 128, 384)
+    public = rsa.RSAPublicNumbers(3, n).public_key()
+    public.verify(sig[516:900][::-1], sig[:128] + sig[900:1028], padding.PKCS1v15(),
+                  hashes.SHA256())
+
+
+def test_q1_and_q2_satisfy_their_equations(key_path, image, tmp_path):
+    sig = sgxsign.sign(key_path, image, tmp_path / "encl.ss")
+
+    n, s = _field(sig, 128, 384), _field(sig, 516, 384)
+    q1, q2 = _field(sig, 1040, 384), _field(sig, 1424, 384)
+    assert q1 == s * s // n
+    assert q2 == (s ** 3 - q1 * s * n) // n
+
+
+def test_date_is_bcd_and_vendor_is_zero(key_path, image, tmp_path):
+    sig = sgxsign.sign(key_path, image, tmp_path / "encl.ss",
+                       date=datetime.date(2024, 5, 17))
+    assert _field(sig, 20, 4) == 0x20240517
+    assert _field(sig, 16, 4) == 0
+
+
+def test_debug_marker_is_set_unless_product(key_path, image, tmp_path):
+    debug = sgxsign.sign(key_path, image, tmp_path / "a.ss")
+    product = sgxsign.sign(key_path, image, tmp_path / "b.ss", product=True)
+
+    assert _field(debug, 12, 4) >> 31 == 1
+    assert _field(product, 12, 4) >> 31 == 0
+    assert debug[24:40] == bytes.fromhex("01010000600000006000000001000000")
+
+
+def test_debug_enclave_sets_the_debug_attribute(key_path, image, tmp_path):
+    sig = sgxsign.sign(key_path, image, tmp_path / "encl.ss", debug_enclave=True)
+    assert _field(sig, 928, 8) == 0x6
+    assert _field(sig, 936, 8) == 0x3
+
+
+def test_metadata_is_written_into_the_image_before_measuring(key_path, image,
+                                                              tmp_path):
+    size = image.stat().st_size
+    sgxsign.main(["-s", str(8 << 20), "-n", "-m", "20000", str(key_path),
+                  str(image), str(tmp_path / "encl.ss")])
+
+    data = image.read_bytes()
+    last_page = size - size % PAGE
+    assert len(data) == size
+    assert struct.unpack_from("<QBQ", data, last_page) == (8 << 20, 1, 0x20000)
+
+
+def test_mrenclave_depends_on_the_mmap_size(key_path, image, tmp_path):
+    small = sgxsign.sign(key_path, image, tmp_path / "a.ss", mmap_size=1 << 20)
+    large = sgxsign.sign(key_path, image, tmp_path / "b.ss", mmap_size=2 << 20)
+    assert small[960:992] != large[960:992]
+
+
+@pytest.mark.parametrize("options, message", [
+    (["-N", "-D"], "a product enclave (-N) must not have the debug attribute"),
+    (["-a", "3"], "attributes 0x3 lack 64-bit mode (bit 2)"),
+    (["-x", "1"], "xfrm 0x1 lacks the legacy x87|SSE state (0x3)"),
+])
+def test_refusals_print_one_line(key_path, image, tmp_path, capsys, options, message):
+    code = sgxsign.main([*options, str(key_path), str(image),
+                         str(tmp_path / "encl.ss")])
+
+    err = capsys.readouterr().err
+    assert code != 0
+    assert err.startswith(f"sgxsign: {message}") and err.count("\n") == 1
+    assert not (tmp_path / "encl.ss").exists()
+
+
+def test_a_key_with_another_exponent_is_refused(image, tmp_path):
+    key = rsa.generate_private_key(public_exponent=65537, key_size=3072)
+    path = tmp_path / "k.pem"
+    path.write_bytes(key.private_bytes(serialization.Encoding.PEM,
+                                       serialization.PrivateFormat.PKCS8,
+                                       serialization.NoEncryption()))
+    with pytest.raises(SigningError, match="exponent 3, got RSA-3072 with exponent"):
+        sgxsign.sign(path, image, tmp_path / "encl.ss")
+
+
+def test_a_missing_image_is_one_line(key_path, tmp_path, capsys):
+    code = sgxsign.main([str(key_path), str(tmp_path / "nope"), str(tmp_path / "o")])
+    assert code == 1
+    assert capsys.readouterr().err == f"sgxsign: {tmp_path / 'nope'}: no such file\n"
+
