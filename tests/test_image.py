@@ -1,0 +1,95 @@
+"""Reading encl.bin and encl.ss: what an image exposes, and errors naming the file."""
+
+import hashlib
+import shutil
+
+import pytest
+
+from skeleton import build_image, sgxsign
+from skeleton.errors import ImageError
+from skeleton.image import load_image
+
+PAGE = 4096
+
+
+@pytest.fixture(scope="module")
+def signed(tmp_path_factory):
+    """A directory with an image signed for an 8 MiB mmap size."""
+    directory = tmp_path_factory.mktemp("image")
+    build_image.build(directory / "encl.bin")
+    sgxsign.generate_key(directory / "key.pem")
+    sgxsign.sign(directory / "key.pem", directory / "encl.bin",
+                 directory / "encl.ss", mmap_size=8 << 20)
+    return directory
+
+
+@pytest.fixture
+def copy(signed, tmp_path):
+    for name in ("encl.bin", "encl.ss"):
+        shutil.copy(signed / name, tmp_path / name)
+    return tmp_path
+
+
+def test_built_image_is_whole_pages_plus_the_metadata_record(tmp_path):
+    size = build_image.build(tmp_path / "encl.bin")
+    assert size % PAGE == 17
+    assert (tmp_path / "encl.bin").read_bytes()[-17:] == bytes(17)
+
+
+def test_image_exposes_geometry_and_identity(signed):
+    image = load_image(signed)
+    sigstruct = (signed / "encl.ss").read_bytes()
+
+    identity = image.identity("sim")
+
+    assert len(image.data) % PAGE == 0
+    assert image.metadata.max_mmap_size == 8 << 20
+    assert (image.mmap_size, image.enclave_size, image.encl_offset) == \
+        (8 << 20, 8 << 20, 0)
+    assert image.ssa_frame_pages == 1
+    assert identity.mrenclave == sigstruct[960:992]
+    assert identity.mrsigner == hashlib.sha256(sigstruct[128:512]).digest()
+    assert (identity.attributes, identity.xfrm) == (0x4, 0x3)
+    assert (identity.size, identity.backend) == (8 << 20, "sim")
+
+
+@pytest.mark.parametrize("name", ["encl.bin", "encl.ss"])
+def test_a_missing_file_is_named(copy, name):
+    (copy / name).unlink()
+    with pytest.raises(ImageError, match=f"{name}: no such file"):
+        load_image(copy)
+
+
+def test_a_truncated_sigstruct_is_named(copy):
+    (copy / "encl.ss").write_bytes(bytes(1000))
+    with pytest.raises(ImageError, match="encl.ss: expected a 1808-byte SIGSTRUCT"):
+        load_image(copy)
+
+
+def test_a_sigstruct_with_a_bad_header_is_named(copy):
+    (copy / "encl.ss").write_bytes(bytes(1808))
+    with pytest.raises(ImageError, match=r"encl.ss: not a SIGSTRUCT \(bad header\)"):
+        load_image(copy)
+
+
+def test_a_too_small_image_is_named(copy):
+    (copy / "encl.bin").write_bytes(bytes(100))
+    with pytest.raises(ImageError, match="encl.bin: 100 bytes is too small"):
+        load_image(copy)
+
+
+def test_bad_metadata_is_named(copy):
+    data = bytearray((copy / "encl.bin").read_bytes())
+    last_page = len(data) - len(data) % PAGE
+    data[last_page:last_page + 8] = (PAGE).to_bytes(8, "little")
+    (copy / "encl.bin").write_bytes(data)
+    with pytest.raises(ImageError, match="encl.bin: max_mmap_size 4096 is below"):
+        load_image(copy)
+
+
+def test_an_entry_outside_the_image_is_named(copy):
+    data = bytearray((copy / "encl.bin").read_bytes())
+    data[32:40] = (1 << 40).to_bytes(8, "little")
+    (copy / "encl.bin").write_bytes(data)
+    with pytest.raises(ImageError, match="encl.bin: TCS OENTRY 0x10000000000"):
+        load_image(copy)
