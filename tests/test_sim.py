@@ -1,0 +1,142 @@
+"""The sim backend: a sealed memfd enclave, measured and initialized as hardware would."""
+
+import fcntl
+import os
+import shutil
+
+import pytest
+from cryptography.hazmat.primitives.asymmetric import rsa
+
+from skeleton import build_image, sgxsign
+from skeleton.backends import SGX_DEVICE, get_backend, sim
+from skeleton.errors import BackendError, EinitError
+from skeleton.image import load_image
+from skeleton.structs import TCS
+
+PAGE = 4096
+GREETING = "Hello Inclavare Containers!"
+
+
+@pytest.fixture(scope="module")
+def signed(tmp_path_factory):
+    """A directory with a 1 MiB image and the key that signed it."""
+    directory = tmp_path_factory.mktemp("image")
+    build_image.build(directory / "encl.bin")
+    sgxsign.generate_key(directory / "key.pem")
+    sgxsign.sign(directory / "key.pem", directory / "encl.bin",
+                 directory / "encl.ss", mmap_size=1 << 20)
+    return directory
+
+
+@pytest.fixture
+def copy(signed, tmp_path):
+    for name in ("encl.bin", "encl.ss"):
+        shutil.copy(signed / name, tmp_path / name)
+    return tmp_path
+
+
+def _patch(path, offset, data):
+    raw = bytearray(path.read_bytes())
+    raw[offset:offset + len(data)] = data
+    path.write_bytes(raw)
+
+
+def _open_fds():
+    return len(os.listdir("/proc/self/fd"))
+
+
+def test_ecall_0_returns_the_greeting(signed):
+    with sim.build(load_image(signed)) as enclave:
+        assert enclave.ecall(0) == GREETING
+
+
+def test_sim_build_passes_einit_with_sgxsign_measurement(signed):
+    """EINIT compares the measured MRENCLAVE with the one sgxsign signed."""
+    image = load_image(signed)
+    with sim.build(image) as enclave:
+        assert enclave.identity == image.identity("sim")
+        assert enclave.identity.mrenclave == (signed / "encl.ss").read_bytes()[960:992]
+
+
+def test_memfd_is_sealed_against_resizing(signed):
+    with sim.build(load_image(signed)) as enclave:
+        seals = fcntl.fcntl(enclave.fd, fcntl.F_GET_SEALS)
+        assert seals & (fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SEAL) \
+            == fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SEAL
+        with pytest.raises(PermissionError):
+            os.ftruncate(enclave.fd, PAGE)
+        assert os.fstat(enclave.fd).st_size == enclave.identity.size
+
+
+def test_memfd_holds_the_tcs_as_added(signed):
+    image = load_image(signed)
+    with sim.build(image) as enclave:
+        tcs = os.pread(enclave.fd, PAGE, image.encl_offset)
+        assert TCS.get(tcs, "ossa") == len(image.data)
+        assert enclave.oentry == TCS.get(image.data, "oentry")
+
+
+def test_layout_is_tcs_page_then_the_rest(signed):
+    image = load_image(signed)
+    with sim.build(image) as enclave:
+        tcs, rest = enclave.layout
+        assert enclave.base % image.enclave_size == 0
+        assert (tcs.addr, tcs.size, tcs.execute) == (enclave.base, PAGE, False)
+        assert (rest.addr, rest.size, rest.execute) == \
+            (enclave.base + PAGE, image.mmap_size - PAGE, True)
+        assert all(e.share and e.read and e.write for e in enclave.layout)
+
+
+def test_einit_refuses_a_tampered_image(copy):
+    _patch(copy / "encl.bin", PAGE + 5, b"\xcc")
+    before = _open_fds()
+    with pytest.raises(EinitError, match="MRENCLAVE mismatch"):
+        sim.build(load_image(copy))
+    assert _open_fds() == before
+
+
+def test_einit_refuses_a_tampered_sigstruct(copy):
+    _patch(copy / "encl.ss", 1026, b"\x01")  # isvsvn, a signed field
+    with pytest.raises(EinitError, match="signature does not verify"):
+        sim.build(load_image(copy))
+
+
+def test_einit_refuses_another_keys_modulus(copy):
+    other = rsa.generate_private_key(public_exponent=3, key_size=3072)
+    _patch(copy / "encl.ss", 128,
+           other.public_key().public_numbers().n.to_bytes(384, "little"))
+    with pytest.raises(EinitError, match="signature does not verify"):
+        sim.build(load_image(copy))
+
+
+def test_einit_refuses_wrong_q1(copy):
+    _patch(copy / "encl.ss", 1040, b"\x00" * 8)
+    with pytest.raises(EinitError, match="q1/q2 do not match"):
+        sim.build(load_image(copy))
+
+
+@pytest.mark.parametrize("override, message", [
+    ({"attributes": 0x6}, "attributes 0x6 outside the SIGSTRUCT's"),
+    ({"xfrm": 0x7}, "XFRM 0x7 outside the SIGSTRUCT's"),
+])
+def test_einit_refuses_secs_outside_the_masks(signed, override, message):
+    with pytest.raises(EinitError, match=message):
+        sim.build(load_image(signed), **override)
+
+
+def test_null_dereference_protection_maps_above_mmap_min_addr(signed, copy):
+    sgxsign.sign(signed / "key.pem", copy / "encl.bin",
+                 copy / "encl.ss", mmap_size=1 << 20, null_dereference_protection=True)
+    image = load_image(copy)
+    with sim.build(image) as enclave:
+        assert enclave.base == 0
+        assert enclave.layout[0].addr == 16 << 20
+        assert enclave.ecall(0) == GREETING
+
+
+def test_sgx_backend_without_device_is_a_clear_error():
+    if os.path.exists(SGX_DEVICE):
+        pytest.skip("this host has an SGX device")
+    with pytest.raises(BackendError, match="/dev/sgx_enclave, not found"):
+        get_backend("sgx")
+    assert get_backend("sim") is sim
