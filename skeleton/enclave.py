@@ -109,6 +109,8 @@ class Enclave:
         except BaseException:
             self._release_entries()
             raise
+        # The sim TCS page is ordinary memory. On hardware a TCS cannot be read,
+        # so the sgx backend will have to take OENTRY from the image instead.
         tcs = ffi.buffer(ffi.cast("char *", self.layout[0].addr), PAGE_SIZE)
         self.oentry = TCS.get(tcs, "oentry")
 

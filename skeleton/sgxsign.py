@@ -77,16 +77,12 @@ def check_options(attributes, attributes_mask, xfrm, product):
                            "attribute: it would allow debug launches")
 
 
-def write_metadata(image_path, max_mmap_size, null_dereference_protection,
-                   mmap_min_addr):
+def write_metadata(image_path, metadata):
     """Write the metadata record at the start of the image's last page, in place."""
-    data = read_pages(image_path)
-    record = METADATA.pack(max_mmap_size=max_mmap_size,
-                           null_dereference_protection=int(null_dereference_protection),
-                           mmap_min_addr=mmap_min_addr)
+    last_page = len(read_pages(image_path)) - PAGE_SIZE
     with open(image_path, "r+b") as f:
-        f.seek(len(data) - PAGE_SIZE)
-        f.write(record)
+        f.seek(last_page)
+        f.write(METADATA.pack(**metadata._asdict()))
 
 
 def sign(key, image_path, output_path, *, mmap_size=0, attributes=None,
@@ -110,7 +106,13 @@ def sign(key, image_path, output_path, *, mmap_size=0, attributes=None,
         raise SigningError(f"mmap_min_addr {mmap_min_addr:#x} is not page aligned")
     miscselect = 0
 
-    write_metadata(image_path, mmap_size, null_dereference_protection, mmap_min_addr)
+    # Check the geometry before touching the image, so a refused size leaves
+    # it as it was.
+    metadata = METADATA.record(
+        max_mmap_size=mmap_size, mmap_min_addr=mmap_min_addr,
+        null_dereference_protection=int(null_dereference_protection))
+    Geometry.compute(len(read_pages(image_path)), metadata, xfrm, miscselect)
+    write_metadata(image_path, metadata)
     data = read_pages(image_path)
     geometry = Geometry.of_image(data, xfrm, miscselect)
     mrenclave = measure(data, geometry)

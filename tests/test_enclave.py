@@ -1,4 +1,4 @@
-"""Mapping an enclave: in a second process from a passed fd, and never over a mapping."""
+"""Mapping an enclave: in another process from a passed fd, never over a mapping."""
 
 import json
 import os

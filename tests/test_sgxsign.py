@@ -141,3 +141,15 @@ def test_a_missing_image_is_one_line(key_path, tmp_path, capsys):
     assert code == 1
     assert capsys.readouterr().err == f"sgxsign: {tmp_path / 'nope'}: no such file\n"
 
+
+
+def test_a_refused_mmap_size_leaves_the_image_untouched(key_path, image, tmp_path,
+                                                        capsys):
+    before = image.read_bytes()
+
+    code = sgxsign.main(["-s", "4096", str(key_path), str(image),
+                         str(tmp_path / "encl.ss")])
+
+    assert code == 1
+    assert "max_mmap_size 4096 is below" in capsys.readouterr().err
+    assert image.read_bytes() == before

@@ -1,4 +1,4 @@
-"""The sim backend: a sealed memfd enclave, measured and initialized as hardware would."""
+"""The sim backend: a sealed memfd enclave, measured and initialized like hardware."""
 
 import fcntl
 import os
