@@ -1,0 +1,244 @@
+"""Our hand-off socket (DESIGN section 3): check-in, save final, check-out.
+
+Each connection gets a thread and may carry many requests. Every frame read
+and write is bounded by ``timeout``, the wait between requests by
+``idle_timeout``, and the number of connections by ``max_connections``, so a
+slow or hostile client costs one bounded thread and never stalls another.
+The pool's lock is never held across socket I/O: a check-out leases the
+entry, sends the fd unlocked, then hands it out or releases it.
+"""
+
+import socket
+import threading
+import time
+
+import structlog
+from google.protobuf.message import DecodeError
+
+from epm_api import framing
+from epm_api import handoff_pb2
+from epm_server import fdcheck
+from epm_server.enclave import (
+    enclave_proto, identity_from_proto, layout_from_proto, subtype_from_request)
+from epm_server.errors import EpmError, InvalidArgument, PermissionDenied
+from epm_server.peers import peer_of
+from epm_server.pool import Owner
+from epm_server.sockets import listen_unix, unlink_socket
+
+log = structlog.get_logger(__name__)
+
+_OK = 0
+_INVALID_ARGUMENT = InvalidArgument.code
+_RESOURCE_EXHAUSTED = 8
+# A refusal is written to a peer we are about to drop: do not wait long.
+_REFUSAL_TIMEOUT = 0.5
+
+
+class HandoffServer:
+    """Serves the hand-off protocol on a Unix socket, one thread per connection."""
+
+    def __init__(self, pool, path, policy, timeout, idle_timeout,
+                 uid=None, gid=None, max_connections=64):
+        self._pool = pool
+        self.path = path
+        self._policy = policy
+        self._timeout = timeout
+        self._idle_timeout = idle_timeout
+        self._uid, self._gid = uid, gid
+        self._slots = threading.BoundedSemaphore(max_connections)
+        self._lock = threading.Lock()
+        self._connections = {}  # socket -> thread
+        self._listener = None
+        self._acceptor = None
+
+    def start(self):
+        """Listen on the socket path and start accepting. Raises OSError."""
+        self._listener = listen_unix(self.path, self._uid, self._gid)
+        self._acceptor = threading.Thread(target=self._accept_loop,
+                                          name="handoff-accept", daemon=True)
+        self._acceptor.start()
+
+    def stop(self):
+        """Stop accepting, let requests in flight finish, remove the socket.
+
+        Idle connections are woken by shutting their read side, so each thread
+        ends after the reply it may be writing.
+        """
+        if self._listener is None:
+            return
+        unlink_socket(self.path)
+        # shutdown() wakes a thread blocked in accept(); close() alone does not.
+        try:
+            self._listener.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        self._acceptor.join()
+        self._listener.close()
+        self._listener = None
+        with self._lock:
+            connections = dict(self._connections)
+        for conn in connections:
+            try:
+                conn.shutdown(socket.SHUT_RD)
+            except OSError:
+                pass
+        for thread in connections.values():
+            thread.join(self._timeout * 2 + 1)
+
+    def _accept_loop(self):
+        while True:
+            try:
+                conn, _ = self._listener.accept()
+            except OSError:
+                return  # the listener was shut down by stop()
+            self._admit(conn)
+
+    def _admit(self, conn):
+        peer = peer_of(conn)
+        if not self._policy.allows(peer):
+            log.warning("handoff_peer_refused", pid=peer.pid, uid=peer.uid,
+                        gid=peer.gid)
+            self._refuse(conn, PermissionDenied.code,
+                         f"uid {peer.uid} may not use the enclave pool")
+            return
+        if not self._slots.acquire(blocking=False):
+            log.warning("handoff_connections_exhausted", pid=peer.pid)
+            self._refuse(conn, _RESOURCE_EXHAUSTED, "too many connections")
+            return
+        thread = threading.Thread(target=self._serve, args=(conn, peer),
+                                  name=f"handoff-{peer.pid}", daemon=True)
+        with self._lock:
+            self._connections[conn] = thread
+        thread.start()
+
+    def _refuse(self, conn, code, message):
+        reply = handoff_pb2.HandoffReply(code=code, message=message)
+        try:
+            framing.send_frame(conn, reply.SerializeToString(),
+                               time.monotonic() + _REFUSAL_TIMEOUT)
+        except (framing.FramingError, OSError):
+            pass
+        conn.close()
+
+    def _serve(self, conn, peer):
+        log.debug("handoff_connected", pid=peer.pid, uid=peer.uid)
+        try:
+            while self._serve_one(conn, peer):
+                pass
+        finally:
+            with self._lock:
+                del self._connections[conn]
+            conn.close()
+            self._slots.release()
+            log.debug("handoff_disconnected", pid=peer.pid)
+
+    def _serve_one(self, conn, peer):
+        """Read and answer one request; return False to close the connection."""
+        now = time.monotonic()
+        try:
+            frame = framing.recv_frame(conn, now + self._timeout,
+                                       now + self._idle_timeout)
+        except framing.FrameTimeout:
+            # No reply: a client idle for long would read it as the answer to
+            # its next request. It sees the close and reconnects.
+            return False
+        except framing.FramingError as e:
+            self._refuse_frame(conn, peer, str(e))
+            return False
+        except OSError:
+            return False
+        if frame is None:
+            return False
+        payload, fds = frame
+        try:
+            request = handoff_pb2.HandoffRequest.FromString(payload)
+        except DecodeError:
+            framing.close_all(fds)
+            self._refuse_frame(conn, peer, "request is not a HandoffRequest")
+            return False
+        kind = request.WhichOneof("request")
+        if kind == "check_out" and not fds:
+            return self._check_out(conn, request.check_out)
+        try:
+            if kind == "check_in":
+                reply = self._check_in(request.check_in, fds, peer)
+            else:
+                framing.close_all(fds)
+                if fds:
+                    raise InvalidArgument(f"{kind}: carries no fd, got {len(fds)}")
+                if kind == "save_final":
+                    reply = self._save_final(request.save_final, peer)
+                else:
+                    raise InvalidArgument("request: none of check_out, check_in, "
+                                          "save_final is set")
+        except EpmError as e:
+            log.info("handoff_refused", request=kind, code=e.code, reason=str(e),
+                     pid=peer.pid)
+            reply = handoff_pb2.HandoffReply(code=e.code, message=str(e))
+        return self._send(conn, reply)
+
+    def _refuse_frame(self, conn, peer, reason):
+        log.info("handoff_bad_frame", reason=reason, pid=peer.pid)
+        reply = handoff_pb2.HandoffReply(code=_INVALID_ARGUMENT, message=reason)
+        try:
+            framing.send_frame(conn, reply.SerializeToString(),
+                               time.monotonic() + _REFUSAL_TIMEOUT)
+        except (framing.FramingError, OSError):
+            pass
+
+    def _send(self, conn, reply, fd=None):
+        try:
+            framing.send_frame(conn, reply.SerializeToString(),
+                               time.monotonic() + self._timeout, fd=fd)
+        except (framing.FramingError, OSError) as e:
+            log.info("handoff_reply_failed", reason=str(e))
+            return False
+        return True
+
+    def _check_in(self, msg, fds, peer):
+        """Validate and pool the one fd of a check-in; closes it on failure."""
+        try:
+            if len(fds) != 1:
+                raise InvalidArgument(
+                    f"check_in: expected exactly one fd, got {len(fds)}")
+            subtype = subtype_from_request(msg.subtype, "check_in.subtype")
+            if not msg.enclave.HasField("identity"):
+                raise InvalidArgument("check_in.enclave.identity: required")
+            identity = identity_from_proto(msg.enclave.identity,
+                                           "check_in.enclave.identity")
+            layout = layout_from_proto(msg.enclave, "check_in.enclave")
+            fdcheck.check_enclave_fd(fds[0], identity)
+            entry_id = self._pool.check_in(subtype, identity, layout, fds[0],
+                                           Owner(pid=peer.pid, uid=peer.uid))
+        except BaseException:
+            framing.close_all(fds)
+            raise
+        return handoff_pb2.HandoffReply(code=_OK, id=entry_id)
+
+    def _save_final(self, msg, peer):
+        self._pool.save_final(msg.id, uid=peer.uid)
+        return handoff_pb2.HandoffReply(code=_OK, id=msg.id)
+
+    def _check_out(self, conn, msg):
+        try:
+            subtype = subtype_from_request(msg.subtype, "check_out.subtype")
+            if not msg.HasField("identity"):
+                raise InvalidArgument("check_out.identity: required")
+            identity = identity_from_proto(msg.identity, "check_out.identity")
+        except EpmError as e:
+            return self._send(conn, handoff_pb2.HandoffReply(code=e.code,
+                                                             message=str(e)))
+        entry = self._pool.lease(subtype, identity)
+        if entry is None:
+            return self._send(conn, handoff_pb2.HandoffReply(code=_OK))
+        reply = handoff_pb2.HandoffReply(
+            code=_OK, id=entry.id,
+            enclave=enclave_proto(entry.layout, entry.identity))
+        # A reply (at most 64 ranges, a few KiB) goes out in one socket buffer,
+        # so a failed send means the fd never reached the peer: it may go back.
+        if not self._send(conn, reply, fd=entry.fd):
+            self._pool.release(entry.id)
+            return False
+        self._pool.hand_out(entry.id)
+        log.debug("enclave_checked_out", id=entry.id, subtype=subtype)
+        return True

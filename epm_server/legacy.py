@@ -1,0 +1,220 @@
+"""The published clients' fd hand-off: one socket file per request ID.
+
+DESIGN section 3, "The legacy fd hand-off": whoever receives the fd listens
+on ``<socket dir>/<ID>`` and unlinks it; whoever sends it connects and writes
+one byte ``\\0`` with the fd in SCM_RIGHTS. The published daemon blocked a
+request thread on a client that never came; here the wait for a check-in runs
+in its own thread with a deadline, and a check-out's connect is retried for
+a bounded time, so no request thread and no socket file outlives its timeout.
+"""
+
+import array
+import errno
+import os
+import re
+import socket
+import threading
+import time
+
+import structlog
+
+from epm_api import v1alpha1_pb2 as pb
+from epm_server import fdcheck
+from epm_server.enclave import (
+    identity_from_proto, layout_from_proto, subtype_from_request)
+from epm_server.errors import (
+    AlreadyExists, EpmError, InvalidArgument, PermissionDenied, Unavailable)
+from epm_server.peers import peer_of
+from epm_server.pool import ANY_IDENTITY, Owner
+from epm_server.sockets import listen_unix, unlink_socket
+
+log = structlog.get_logger(__name__)
+
+# The ID becomes a file name in a shared directory: no "/", no "..".
+_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
+_FD_SIZE = array.array("i").itemsize
+# Room for two fds, so that a client sending two is seen and refused.
+_CMSG_SPACE = socket.CMSG_SPACE(2 * _FD_SIZE)
+# How often a waiting check-in looks at the stop flag.
+_POLL = 0.2
+_CONNECT_RETRY = 0.02
+
+
+def validate_id(cache_id):
+    """Return ``cache_id`` if it is 1..64 of ``[A-Za-z0-9_-]``.
+
+    Raises InvalidArgument naming the field.
+    """
+    if not _ID.fullmatch(cache_id):
+        raise InvalidArgument(f"ID: {cache_id!r} is not 1 to 64 characters of "
+                              "A-Z a-z 0-9 _ -")
+    return cache_id
+
+
+class LegacyHandoff:
+    """SaveCache and GetCache for published clients, over per-ID sockets."""
+
+    def __init__(self, pool, socket_dir, policy, accept_timeout=10.0,
+                 connect_timeout=2.0, io_timeout=5.0):
+        self._pool = pool
+        self._dir = socket_dir
+        self._policy = policy
+        self._accept_timeout = accept_timeout
+        self._connect_timeout = connect_timeout
+        self._io_timeout = io_timeout
+        self._stopping = threading.Event()
+        self._lock = threading.Lock()
+        self._waiters = set()
+
+    def save_cache(self, cache_id, subtype, options):
+        """Add a pending entry and wait in the background for its fd.
+
+        Listens on ``<dir>/<ID>`` before returning, so the client may connect
+        as soon as the call answers. Raises InvalidArgument, AlreadyExists,
+        ResourceExhausted, Unavailable.
+        """
+        validate_id(cache_id)
+        subtype = subtype_from_request(subtype, "subType")
+        enclave = pb.Enclave()
+        if not options.Unpack(enclave):
+            raise InvalidArgument(f"options: expected a v1alpha1.Enclave, got "
+                                  f"{options.type_url or 'nothing'}")
+        layout = layout_from_proto(enclave, "options")
+        identity = None
+        if enclave.HasField("identity"):
+            identity = identity_from_proto(enclave.identity, "options.identity")
+        if self._stopping.is_set():
+            raise Unavailable("the daemon is shutting down")
+        path = os.path.join(self._dir, cache_id)
+        self._pool.add_pending(cache_id, subtype, identity, layout)
+        try:
+            listener = listen_unix(path, backlog=1)
+        except OSError as e:
+            self._pool.discard(cache_id)
+            if e.errno == errno.EADDRINUSE:
+                raise AlreadyExists(f"ID: {path} exists already") from None
+            raise Unavailable(f"cannot listen on {path}: {e.strerror}") from None
+        thread = threading.Thread(target=self._receive,
+                                  args=(cache_id, identity, listener, path),
+                                  name=f"legacy-{cache_id}", daemon=True)
+        with self._lock:
+            self._waiters.add(thread)
+        thread.start()
+
+    def get_cache(self, cache_id, subtype):
+        """Send an available enclave of ``subtype`` to the client at ``<dir>/<ID>``.
+
+        Returns the entry as it was handed out (its ``fd`` is the number the
+        daemon had), or None when none is available. Raises InvalidArgument,
+        and Unavailable when the hand-off failed (the enclave is back).
+        """
+        validate_id(cache_id)
+        subtype = subtype_from_request(subtype, "subType")
+        entry = self._pool.lease(subtype, ANY_IDENTITY)
+        if entry is None:
+            return None
+        path = os.path.join(self._dir, cache_id)
+        try:
+            self._send_fd(path, entry.fd)
+        except (OSError, EpmError) as e:
+            self._pool.release(entry.id)
+            reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
+            log.info("legacy_send_failed", id=cache_id, reason=reason)
+            raise Unavailable(f"hand-off to {path} failed: {reason}") from None
+        self._pool.hand_out(entry.id)
+        return entry
+
+    def stop(self):
+        """Give up waiting for check-ins; their entries and socket files go."""
+        self._stopping.set()
+        with self._lock:
+            waiters = list(self._waiters)
+        for thread in waiters:
+            thread.join(self._io_timeout + 2 * _POLL)
+
+    def _receive(self, cache_id, identity, listener, path):
+        fd = None
+        try:
+            try:
+                conn = self._accept(listener, path)
+            finally:
+                # The receiver unlinks: nobody else may connect to this ID.
+                unlink_socket(path)
+                listener.close()
+            with conn:
+                peer = peer_of(conn)
+                if not self._policy.allows(peer):
+                    raise PermissionDenied(f"uid {peer.uid} may not check in")
+                fd = self._recv_fd(conn)
+                fdcheck.check_enclave_fd(fd, identity)
+                self._pool.receive_fd(cache_id, fd, Owner(pid=peer.pid, uid=peer.uid))
+                fd = None
+        except (EpmError, OSError) as e:
+            log.warning("legacy_check_in_failed", id=cache_id, reason=str(e))
+            if fd is not None:
+                os.close(fd)
+            try:
+                self._pool.discard(cache_id)
+            except EpmError:
+                pass  # deleted or discarded meanwhile: nothing left to drop
+        finally:
+            with self._lock:
+                self._waiters.discard(threading.current_thread())
+
+    def _accept(self, listener, path):
+        deadline = time.monotonic() + self._accept_timeout
+        while not self._stopping.is_set():
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise Unavailable(f"no client connected to {path} within "
+                                  f"{self._accept_timeout:g} s")
+            listener.settimeout(min(remaining, _POLL))
+            try:
+                conn, _ = listener.accept()
+            except TimeoutError:
+                continue
+            conn.settimeout(self._io_timeout)
+            return conn
+        raise Unavailable("the daemon is shutting down")
+
+    def _recv_fd(self, conn):
+        data, ancdata, flags, _ = conn.recvmsg(1, _CMSG_SPACE,
+                                               socket.MSG_CMSG_CLOEXEC)
+        fds = array.array("i")
+        for level, kind, payload in ancdata:
+            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                fds.frombytes(payload[:len(payload) - len(payload) % _FD_SIZE])
+        if data != b"\0" or len(fds) != 1 or flags & socket.MSG_CTRUNC:
+            for fd in fds:
+                os.close(fd)
+            raise InvalidArgument(f"expected one byte \\0 with one fd, got "
+                                  f"{data!r} with {len(fds)} fds")
+        return fds[0]
+
+    def _send_fd(self, path, fd):
+        with self._connect(path) as sock:
+            peer = peer_of(sock)
+            if not self._policy.allows(peer):
+                raise PermissionDenied(f"the listener on {path} is uid {peer.uid}")
+            fds = array.array("i", [fd])
+            sock.sendmsg([b"\0"], [(socket.SOL_SOCKET, socket.SCM_RIGHTS,
+                                    fds.tobytes())])
+
+    def _connect(self, path):
+        # The client may start listening just after its GetCache call.
+        deadline = time.monotonic() + self._connect_timeout
+        while True:
+            sock = socket.socket(socket.AF_UNIX,
+                                 socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+            sock.settimeout(self._io_timeout)
+            try:
+                sock.connect(path)
+                return sock
+            except (FileNotFoundError, ConnectionRefusedError):
+                sock.close()
+                if time.monotonic() >= deadline:
+                    raise
+            except BaseException:
+                sock.close()
+                raise
+            time.sleep(_CONNECT_RETRY)

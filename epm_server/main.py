@@ -1,0 +1,116 @@
+"""The ``epm`` entry point: read the config, serve both sockets, stop cleanly.
+
+The daemon runs in the foreground (``sudo epm &``, or a systemd unit of type
+notify). SIGTERM and SIGINT stop it: no new connections, calls in flight
+finish, pooled fds are closed and both sockets removed.
+"""
+
+import argparse
+import os
+import signal
+import socket
+import sys
+import threading
+
+import structlog
+
+from epm_server import config, log
+from epm_server.errors import ConfigError
+from epm_server.handoff import HandoffServer
+from epm_server.legacy import LegacyHandoff
+from epm_server.peers import PeerPolicy
+from epm_server.pool import Pool
+from epm_server.service import EnclavePoolService, serve
+from epm_server.sockets import is_served, unlink_socket
+
+logger = structlog.get_logger("epm")
+
+# How long in-flight gRPC calls may run on after SIGTERM.
+_GRACE = 5.0
+
+
+class StartupError(Exception):
+    """The daemon cannot serve (socket busy or unbindable); one line for stderr."""
+
+
+def main(argv=None):
+    """Run the daemon; return its exit code (0, 1 start-up failure, 2 config)."""
+    parser = argparse.ArgumentParser(prog="epm", description="enclave pool manager")
+    parser.add_argument("--config", help=f"config file (default {config.DEFAULT_PATH})")
+    parser.add_argument("--log-level", choices=log.LEVELS, default="info")
+    args = parser.parse_args(argv)
+    try:
+        cfg = config.load(args.config)
+    except ConfigError as e:
+        print(f"epm: {e}", file=sys.stderr)
+        return 2
+    log.configure(args.log_level)
+    try:
+        return run(cfg)
+    except (StartupError, OSError, RuntimeError) as e:
+        print(f"epm: {e}", file=sys.stderr)
+        return 1
+
+
+def run(cfg):
+    """Serve until SIGTERM or SIGINT; return 0. Raises StartupError, OSError."""
+    stop = threading.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda *_: stop.set())
+    for path in (cfg.grpc_address, cfg.handoff_path):
+        _prepare_socket_path(path)
+    pool = Pool(cfg.max_total, cfg.max_per_identity)
+    policy = PeerPolicy(cfg.allowed_uids, cfg.allowed_gids, cfg.gid)
+    legacy = LegacyHandoff(pool, cfg.socket_dir, policy, io_timeout=cfg.timeout)
+    handoff = HandoffServer(pool, cfg.handoff_path, policy, cfg.timeout,
+                            cfg.idle_timeout, uid=cfg.uid, gid=cfg.gid)
+    server = None
+    try:
+        handoff.start()
+        server = serve(EnclavePoolService(pool, legacy), cfg.grpc_address,
+                       cfg.max_recv_message_size, cfg.max_send_message_size,
+                       uid=cfg.uid, gid=cfg.gid)
+        logger.info("epm_started", grpc=cfg.grpc_address, handoff=cfg.handoff_path,
+                    pid=os.getpid())
+        _notify_systemd(b"READY=1")
+        # A timed wait, so that the signal handler runs promptly.
+        while not stop.wait(1.0):
+            pass
+        logger.info("epm_stopping")
+        _notify_systemd(b"STOPPING=1")
+    finally:
+        if server is not None:
+            server.stop(_GRACE).wait()
+        unlink_socket(cfg.grpc_address)
+        handoff.stop()
+        legacy.stop()
+        # Last: every thread that could send a pooled fd has ended.
+        pool.close()
+    logger.info("epm_stopped")
+    return 0
+
+
+def _prepare_socket_path(path):
+    directory = os.path.dirname(path) or "."
+    os.makedirs(directory, mode=0o755, exist_ok=True)
+    if is_served(path):
+        raise StartupError(f"another daemon is serving {path}")
+    # A socket left by a daemon that died: ours to replace.
+    unlink_socket(path)
+    if os.path.lexists(path):
+        raise StartupError(f"{path} exists and is not a socket")
+
+
+def _notify_systemd(state):
+    """Tell systemd (Type=notify) our state; a no-op outside systemd."""
+    address = os.environ.get("NOTIFY_SOCKET")
+    if not address:
+        return
+    if address.startswith("@"):
+        address = "\0" + address[1:]
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as s:
+        s.sendto(state, address)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

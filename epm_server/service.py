@@ -1,0 +1,182 @@
+"""The gRPC servicer: a thin adapter from ``v1alpha1`` requests to the pool.
+
+Requests are validated here, the pool and the legacy hand-off do the work,
+and ``_STATUS`` is the one place where our errors become gRPC status codes.
+"""
+
+import concurrent.futures
+import functools
+import os
+
+import grpc
+
+from epm_api import v1alpha1_pb2 as pb
+from epm_api import v1alpha1_pb2_grpc as pb_grpc
+from epm_server.enclave import enclave_proto
+from epm_server.errors import EpmError, InvalidArgument, Unimplemented
+from epm_server.legacy import validate_id
+from epm_server.pool import State
+
+ENCLAVE_POOL = "enclave-cache-pool"
+BUNDLE_POOLS = frozenset(f"bundle-cache.occlum.cache{i}" for i in range(3))
+PICK_FILTERS = ("mrenclave", "mrsigner", "backend", "size")
+
+# Our error codes are gRPC status numbers; this maps them to grpc's enum.
+_STATUS = {status.value[0]: status for status in grpc.StatusCode}
+
+
+def _adapt(method):
+    """Turn an EpmError raised by ``method`` into an aborted gRPC call."""
+    @functools.wraps(method)
+    def call(self, request, context):
+        try:
+            return method(self, request, context)
+        except EpmError as e:
+            context.abort(_STATUS[e.code], str(e))
+    return call
+
+
+def _check_type(pool_type):
+    if pool_type == ENCLAVE_POOL:
+        return
+    if pool_type in BUNDLE_POOLS:
+        raise Unimplemented(f"type: {pool_type} is a bundle cache; bundle caches "
+                            "are not built yet (a later issue)")
+    raise InvalidArgument(f"type: unknown pool type {pool_type!r}")
+
+
+def cache_of(entry):
+    """The ``Cache`` message listing a pool entry (its fd shown as -1)."""
+    if entry.identity is not None:
+        size = entry.identity.size
+    else:
+        size = sum(item.size for item in entry.layout)
+    cache = pb.Cache(type=ENCLAVE_POOL, subType=entry.subtype, ID=entry.id,
+                     size=size, created=entry.created)
+    cache.options.Pack(enclave_proto(entry.layout, entry.identity,
+                                     state=entry.state.value))
+    return cache
+
+
+def _matches(entry, filters):
+    identity = entry.identity
+    for key, value in filters.items():
+        if identity is None:
+            return False
+        if key == "size":
+            found = str(identity.size)
+        elif key == "backend":
+            found = identity.backend
+        else:
+            found = getattr(identity, key).hex()
+        if found != value.lower():
+            return False
+    return True
+
+
+class EnclavePoolService(pb_grpc.EnclavePoolManagerServicer):
+    """All eight ``v1alpha1.EnclavePoolManager`` methods over one pool."""
+
+    def __init__(self, pool, legacy):
+        self._pool = pool
+        self._legacy = legacy
+
+    @_adapt
+    def Healthz(self, request, context):
+        if request.type:
+            _check_type(request.type)
+        return pb.HealthzResponse(ok=True)
+
+    @_adapt
+    def ListCache(self, request, context):
+        _check_type(request.type)
+        if request.limit < 0:
+            raise InvalidArgument(f"limit: must not be negative, got {request.limit}")
+        entries = self._pool.entries(subtype=request.subType,
+                                     after=request.lastCacheID, limit=request.limit)
+        return pb.ListCacheResponse(caches=[cache_of(e) for e in entries])
+
+    @_adapt
+    def PickCache(self, request, context):
+        _check_type(request.type)
+        unknown = sorted(set(request.filters) - set(PICK_FILTERS))
+        if unknown:
+            raise InvalidArgument(f"filters: unknown key {unknown[0]!r}; known: "
+                                  f"{', '.join(PICK_FILTERS)}")
+        entries = self._pool.entries(subtype=request.subType,
+                                     states={State.AVAILABLE})
+        return pb.PickCacheResponse(caches=[
+            cache_of(e) for e in entries if _matches(e, request.filters)])
+
+    @_adapt
+    def DeleteCache(self, request, context):
+        _check_type(request.type)
+        if not request.ID:
+            raise InvalidArgument("ID: must not be empty")
+        self._pool.delete(request.ID, subtype=request.subType)
+        return pb.DeleteCacheResponse(ok=True)
+
+    @_adapt
+    def LoadCache(self, request, context):
+        _check_type(request.type)
+        raise InvalidArgument("LoadCache: does not apply to the enclave pool "
+                              "(its enclaves are fds, not files to load)")
+
+    @_adapt
+    def SaveCache(self, request, context):
+        cache = request.cache
+        _check_type(cache.type)
+        self._legacy.save_cache(cache.ID, cache.subType, cache.options)
+        return pb.SaveCacheResponse(ok=True)
+
+    @_adapt
+    def SaveFinalCache(self, request, context):
+        cache = request.cache
+        _check_type(cache.type)
+        validate_id(cache.ID)
+        if cache.subType and self._pool.get(cache.ID).subtype != cache.subType:
+            raise InvalidArgument(f"subType: enclave {cache.ID} is not of subtype "
+                                  f"{cache.subType!r}")
+        self._pool.save_final(cache.ID)
+        return pb.SaveCacheResponse(ok=True)
+
+    @_adapt
+    def GetCache(self, request, context):
+        _check_type(request.type)
+        entry = self._legacy.get_cache(request.ID, request.subType)
+        if entry is None:
+            return pb.GetCacheResponse()
+        cache = cache_of(entry)
+        # Published clients read the fd number the daemon had; the fd itself
+        # went over the legacy socket.
+        cache.options.Pack(enclave_proto(entry.layout, entry.identity, fd=entry.fd,
+                                         state=State.HANDED_OUT.value))
+        return pb.GetCacheResponse(cache=cache)
+
+
+def serve(service, path, max_recv, max_send, uid=None, gid=None, workers=8):
+    """Start a gRPC server for ``service`` on the Unix socket ``path``.
+
+    Returns the started server. Raises OSError when the socket cannot be
+    bound.
+    """
+    server = grpc.server(
+        concurrent.futures.ThreadPoolExecutor(max_workers=workers,
+                                              thread_name_prefix="grpc"),
+        options=[("grpc.max_receive_message_length", max_recv),
+                 ("grpc.max_send_message_length", max_send)])
+    pb_grpc.add_EnclavePoolManagerServicer_to_server(service, server)
+    # grpc creates the socket itself: the umask keeps it 0660 from its first
+    # moment, before the chmod that states it.
+    old_umask = os.umask(0o117)
+    try:
+        bound = server.add_insecure_port(f"unix:{path}")
+    finally:
+        os.umask(old_umask)
+    if not bound:
+        raise OSError(f"cannot bind the gRPC socket {path}")
+    server.start()
+    os.chmod(path, 0o660)
+    if uid is not None or gid is not None:
+        os.chown(path, -1 if uid is None else uid, -1 if gid is None else gid)
+    return server

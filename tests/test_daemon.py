@@ -1,0 +1,73 @@
+"""The `epm` process: start-up, bad configs, and a clean stop on signals."""
+
+import signal
+import socket
+import subprocess
+import sys
+
+import pytest
+
+from conftest import REPO, Daemon
+
+
+def run_epm(*args, timeout=30):
+    return subprocess.run([sys.executable, "-m", "epm_server.main", *args],
+                          capture_output=True, text=True, timeout=timeout,
+                          cwd=REPO)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_signal_stops_cleanly_and_removes_sockets(make_daemon, sig):
+    daemon = make_daemon()
+
+    assert daemon.stop(sig) == 0
+
+    assert not daemon.grpc_socket.exists()
+    assert not daemon.handoff_socket.exists()
+    log = daemon.log.read_text()
+    assert '"epm_started"' in log and '"epm_stopped"' in log
+
+
+def test_sockets_are_mode_0660_in_a_0755_directory(daemon):
+    assert daemon.grpc_socket.stat().st_mode & 0o777 == 0o660
+    assert daemon.handoff_socket.stat().st_mode & 0o777 == 0o660
+    assert daemon.run_dir.stat().st_mode & 0o777 == 0o755
+
+
+def test_stale_socket_file_is_replaced(tmp_path):
+    daemon = Daemon(tmp_path)
+    daemon.run_dir.mkdir()
+    stale = socket.socket(socket.AF_UNIX)
+    stale.bind(str(daemon.handoff_socket))
+    stale.close()  # the file stays, nobody listens: a crashed daemon's leftover
+
+    try:
+        daemon.start()
+        assert daemon.proc.poll() is None
+    finally:
+        assert daemon.stop() == 0
+
+
+def test_bad_config_exits_with_one_line_naming_the_key(tmp_path):
+    config = tmp_path / "config.toml"
+    config.write_text("[grpc]\naddress = 3\n")
+
+    result = run_epm("--config", str(config))
+
+    assert result.returncode == 2
+    assert "grpc.address: expected a string, got 3" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+    assert "Traceback" not in result.stderr
+
+
+def test_missing_explicit_config_exits_non_zero(tmp_path):
+    result = run_epm("--config", str(tmp_path / "absent.toml"))
+    assert result.returncode == 2
+    assert "does not exist" in result.stderr
+
+
+def test_second_daemon_on_the_same_socket_refuses_to_start(daemon):
+    result = run_epm("--config", str(daemon.config))
+    assert result.returncode == 1
+    assert "another daemon" in result.stderr
+    assert daemon.grpc_socket.exists() and daemon.handoff_socket.exists()

@@ -1,0 +1,371 @@
+"""Our hand-off socket against a live daemon, with a raw client built here.
+
+The client speaks ``epm_api.framing`` and ``handoff_pb2`` directly, so these
+tests pin down the protocol itself, not a client library's view of it.
+"""
+
+import array
+import fcntl
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+
+import pytest
+
+from epm_api import framing
+from epm_api import handoff_pb2 as hpb
+from epm_api import v1alpha1_pb2 as pb
+
+SIZE = 8192
+CONTENT = b"enclave memory \x00\x01\x02 end"
+F_ADD_SEALS = 1033
+SEALS = 0x2 | 0x4  # F_SEAL_SHRINK | F_SEAL_GROW
+
+
+def identity(mrenclave=b"\x11" * 32, size=SIZE):
+    return pb.EnclaveIdentity(mrenclave=mrenclave, mrsigner=b"\x22" * 32,
+                              attributes=4, xfrm=3, size=size, backend="sim")
+
+
+def enclave(ident=None, size=SIZE):
+    return pb.Enclave(nr=1, identity=ident or identity(), layout=[
+        pb.Enclavelayout(addr=0x10000000, size=size,
+                         prot=pb.EnclavePerms(read=True, write=True, share=True))])
+
+
+def sealed_memfd(size=SIZE, content=CONTENT, seals=SEALS):
+    fd = os.memfd_create("enclave", os.MFD_ALLOW_SEALING | os.MFD_CLOEXEC)
+    os.ftruncate(fd, size)
+    os.pwrite(fd, content, 0)
+    if seals:
+        fcntl.fcntl(fd, F_ADD_SEALS, seals)
+    return fd
+
+
+class Client:
+    """A connection to the hand-off socket, one request at a time."""
+
+    def __init__(self, path):
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.connect(str(path))
+
+    def close(self):
+        self.sock.close()
+
+    def send_raw(self, payload, fd=None):
+        framing.send_frame(self.sock, payload, time.monotonic() + 5, fd=fd)
+
+    def recv(self):
+        """The next reply and its fds, or None when the daemon closed."""
+        frame = framing.recv_frame(self.sock, time.monotonic() + 5)
+        if frame is None:
+            return None
+        payload, fds = frame
+        return hpb.HandoffReply.FromString(payload), fds
+
+    def call(self, request, fd=None):
+        self.send_raw(request.SerializeToString(), fd=fd)
+        return self.recv()
+
+    def check_in(self, fd, subtype="skeleton-0.0.0", enc=None):
+        reply, _ = self.call(hpb.HandoffRequest(check_in=hpb.CheckIn(
+            subtype=subtype, enclave=enc or enclave())), fd=fd)
+        return reply
+
+    def save_final(self, entry_id):
+        reply, _ = self.call(hpb.HandoffRequest(
+            save_final=hpb.SaveFinal(id=entry_id)))
+        return reply
+
+    def check_out(self, subtype="skeleton-0.0.0", ident=None):
+        return self.call(hpb.HandoffRequest(check_out=hpb.CheckOut(
+            subtype=subtype, identity=ident or identity())))
+
+
+def pool_one(path, fd=None):
+    """Check a sealed memfd in and make it available; return its ID."""
+    client = Client(path)
+    fd = sealed_memfd() if fd is None else fd
+    try:
+        reply = client.check_in(fd)
+        assert reply.code == 0, reply.message
+        assert client.save_final(reply.id).code == 0
+        return reply.id
+    finally:
+        os.close(fd)
+        client.close()
+
+
+def wait_for_fds(daemon, baseline, timeout=5):
+    """Connection threads close asynchronously: wait for the count to settle."""
+    deadline = time.monotonic() + timeout
+    while daemon.open_fds() != baseline and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return daemon.open_fds()
+
+
+# Run in another process: check out, map the fd, print what the memory holds.
+CHECK_OUT_CHILD = """
+import mmap, socket, sys, time
+from epm_api import framing, handoff_pb2 as hpb, v1alpha1_pb2 as pb
+ident = pb.EnclaveIdentity(mrenclave=b"\\x11" * 32, mrsigner=b"\\x22" * 32,
+                           attributes=4, xfrm=3, size=8192, backend="sim")
+sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+sock.connect(sys.argv[1])
+req = hpb.HandoffRequest(check_out=hpb.CheckOut(subtype="skeleton-0.0.0",
+                                                identity=ident))
+framing.send_frame(sock, req.SerializeToString(), time.monotonic() + 5)
+payload, fds = framing.recv_frame(sock, time.monotonic() + 5)
+reply = hpb.HandoffReply.FromString(payload)
+assert reply.code == 0 and len(fds) == 1, (reply, fds)
+layout = reply.enclave.layout[0]
+mem = mmap.mmap(fds[0], layout.size, mmap.MAP_SHARED, mmap.PROT_READ)
+print(reply.id, mem[:64].rstrip(b"\\0").hex())
+"""
+
+
+def test_check_out_in_another_process_receives_the_memory(daemon):
+    entry_id = pool_one(daemon.handoff_socket)
+
+    child = subprocess.run(
+        [sys.executable, "-c", CHECK_OUT_CHILD, str(daemon.handoff_socket)],
+        capture_output=True, text=True, timeout=30, cwd=os.getcwd())
+
+    assert child.returncode == 0, child.stderr
+    got_id, content = child.stdout.split()
+    assert got_id == entry_id
+    assert bytes.fromhex(content) == CONTENT
+
+
+def test_check_out_hands_each_enclave_once(daemon):
+    pool_one(daemon.handoff_socket)
+    client = Client(daemon.handoff_socket)
+
+    first, first_fds = client.check_out()
+    second, second_fds = client.check_out()
+
+    assert first.code == 0 and len(first_fds) == 1
+    assert first.enclave.identity == identity()
+    assert second.code == 0 and not second.HasField("enclave") and not second_fds
+    framing.close_all(first_fds)
+    client.close()
+
+
+def test_empty_pool_answers_ok_without_enclave(daemon):
+    client = Client(daemon.handoff_socket)
+    reply, fds = client.check_out()
+    assert (reply.code, fds, reply.HasField("enclave")) == (0, [], False)
+    client.close()
+
+
+def test_other_identity_or_subtype_does_not_match(daemon):
+    pool_one(daemon.handoff_socket)
+    client = Client(daemon.handoff_socket)
+
+    other_measurement, fds_a = client.check_out(ident=identity(b"\x33" * 32))
+    other_subtype, fds_b = client.check_out(subtype="skeleton-9")
+
+    assert not other_measurement.HasField("enclave") and not fds_a
+    assert not other_subtype.HasField("enclave") and not fds_b
+    client.close()
+
+
+def test_held_enclave_is_not_handed_out(daemon):
+    client = Client(daemon.handoff_socket)
+    fd = sealed_memfd()
+    assert client.check_in(fd).code == 0
+    os.close(fd)
+    reply, fds = client.check_out()
+    assert not reply.HasField("enclave") and not fds
+    client.close()
+
+
+def test_save_final_errors(daemon):
+    client = Client(daemon.handoff_socket)
+    entry_id = pool_one(daemon.handoff_socket)
+
+    unknown = client.save_final("0" * 32)
+    twice = client.save_final(entry_id)
+
+    assert unknown.code == 5
+    assert twice.code == 9 and "available" in twice.message
+    client.close()
+
+
+def _pipe():
+    r, w = os.pipe()
+    os.close(w)
+    return r
+
+
+def _regular_file():
+    fd, path = tempfile.mkstemp()
+    os.ftruncate(fd, SIZE)
+    os.unlink(path)
+    return fd
+
+
+@pytest.mark.parametrize("make_fd, what", [
+    (_pipe, "pipe"),
+    (lambda: sealed_memfd(seals=0), "seals"),
+    (_regular_file, "regular file"),
+    (lambda: sealed_memfd(size=2 * SIZE), "16384 bytes"),
+    (lambda: os.open("/dev/null", os.O_RDWR), "/dev/null"),
+    (lambda: socket.socket().detach(), "socket"),
+    (lambda: os.open("/", os.O_RDONLY), "directory"),
+])
+def test_refused_fds_are_named_and_closed(daemon, make_fd, what):
+    client = Client(daemon.handoff_socket)
+    client.check_out()  # the connection's thread is up: count from here
+    baseline = daemon.open_fds()
+    fd = make_fd()
+
+    reply = client.check_in(fd)
+
+    os.close(fd)
+    assert reply.code == 3 and what in reply.message, reply.message
+    assert wait_for_fds(daemon, baseline) == baseline
+    client.close()
+
+
+def test_check_in_needs_exactly_one_fd(daemon):
+    client = Client(daemon.handoff_socket)
+    client.check_out()
+    baseline = daemon.open_fds()
+    request = hpb.HandoffRequest(check_in=hpb.CheckIn(
+        subtype="skeleton-0.0.0", enclave=enclave())).SerializeToString()
+    a, b = sealed_memfd(), sealed_memfd()
+
+    none, _ = client.call(hpb.HandoffRequest.FromString(request))
+    header = framing.HEADER.pack(len(request))
+    fds = [(socket.SOL_SOCKET, socket.SCM_RIGHTS,
+            array.array("i", [a, b]).tobytes())]
+    client.sock.sendmsg([header + request], fds)
+    two, _ = client.recv()
+
+    os.close(a)
+    os.close(b)
+    assert none.code == 3 and "got 0" in none.message
+    assert two.code == 3 and "got 2" in two.message
+    assert wait_for_fds(daemon, baseline) == baseline
+    client.close()
+
+
+def test_bad_layout_and_identity_are_refused(daemon):
+    client = Client(daemon.handoff_socket)
+    bad_layout = enclave()
+    bad_layout.layout[0].addr = 0x10000001
+    bad_identity = enclave(ident=identity(mrenclave=b"\x01"))
+    no_layout = enclave()
+    del no_layout.layout[:]
+    no_layout.nr = 0
+
+    replies = [client.check_in(sealed_memfd(), enc=e)
+               for e in (bad_layout, bad_identity, no_layout)]
+
+    assert [r.code for r in replies] == [3, 3, 3]
+    assert "page-aligned" in replies[0].message
+    assert "mrenclave" in replies[1].message
+    assert "layout" in replies[2].message
+    client.close()
+
+
+def test_garbage_frame_gets_code_3_and_close(daemon):
+    baseline = daemon.open_fds()
+    client = Client(daemon.handoff_socket)
+    fd = sealed_memfd()
+
+    client.send_raw(b"\xff\xff\xff\xff garbage", fd=fd)
+    reply, _ = client.recv()
+    after = client.recv()
+
+    os.close(fd)
+    assert reply.code == 3
+    assert after is None
+    client.close()
+    assert wait_for_fds(daemon, baseline) == baseline
+
+
+def test_oversized_frame_gets_code_3(daemon):
+    client = Client(daemon.handoff_socket)
+    client.sock.sendall(framing.HEADER.pack(framing.MAX_FRAME + 1))
+    reply, _ = client.recv()
+    assert reply.code == 3 and "exceeds" in reply.message
+    client.close()
+
+
+def test_one_connection_carries_many_requests(daemon):
+    client = Client(daemon.handoff_socket)
+    for _ in range(3):
+        fd = sealed_memfd()
+        reply = client.check_in(fd)
+        os.close(fd)
+        assert client.save_final(reply.id).code == 0
+        got, fds = client.check_out()
+        assert got.id == reply.id and len(fds) == 1
+        framing.close_all(fds)
+    client.close()
+
+
+def test_slow_client_does_not_stall_another(make_daemon):
+    daemon = make_daemon("[handoff]\ntimeout = 0.5\n")
+    slow = Client(daemon.handoff_socket)
+    slow.sock.sendall(b"\x10")  # the first byte of a header, then nothing
+
+    fast = Client(daemon.handoff_socket)
+    reply, _ = fast.check_out()
+    assert reply.code == 0
+
+    assert slow.recv() is None  # dropped after the per-frame timeout
+    slow.close()
+    fast.close()
+
+
+def test_peer_of_another_uid_is_refused(daemon):
+    if os.geteuid() != 0:
+        pytest.skip("needs root to act as another uid")
+    # The temporary directories are root's alone: the child reaches the
+    # socket through a directory fd opened before it drops to uid 65534, and
+    # keeps gid 0 so that the socket's mode (0660 root:root) lets it connect.
+    run_dir = os.open(daemon.run_dir, os.O_PATH)
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        code = 255
+        try:
+            os.close(r)
+            os.setgroups([])
+            os.setuid(65534)
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            sock.connect(f"/proc/self/fd/{run_dir}/epm-handoff.sock")
+            payload, _ = framing.recv_frame(sock, time.monotonic() + 5)
+            code = hpb.HandoffReply.FromString(payload).code
+        finally:
+            os.write(w, bytes([code]))
+            os._exit(0)
+    os.close(w)
+    os.close(run_dir)
+    got = os.read(r, 1)
+    os.close(r)
+    os.waitpid(pid, 0)
+    assert got == bytes([7])
+
+
+def test_daemon_survives_and_returns_to_baseline(daemon):
+    baseline = daemon.open_fds()
+    for _ in range(5):
+        client = Client(daemon.handoff_socket)
+        client.send_raw(b"junk")
+        client.recv()
+        client.close()
+    pool_one(daemon.handoff_socket)
+    client = Client(daemon.handoff_socket)
+    _, fds = client.check_out()
+    framing.close_all(fds)
+    client.close()
+
+    assert daemon.proc.poll() is None
+    assert wait_for_fds(daemon, baseline) == baseline
