@@ -8,6 +8,7 @@ replace, an address this process already uses (DESIGN §3 and §5).
 
 import errno
 import os
+import random
 
 import cffi
 
@@ -49,13 +50,38 @@ def release(addr, size):
         raise OSError(err, f"munmap {addr:#x}: {os.strerror(err)}")
 
 
+# Where enclave bases are picked: far below the kernel's top-down mmap area
+# (just under 0x7fxxxxxxxxxx) and the brk heap of a PIE program (from about
+# 0x55xxxxxxxxxx), so that a pooled enclave's range is very likely free in
+# whatever process checks it out later, and stays free in the builder after
+# it unmaps (the kernel would otherwise hand a freed range near the top of
+# the mmap area to the next thread stack).
+ENCLAVE_ZONE = (1 << 44, 80 << 40)
+_PLACEMENT_TRIES = 16
+
+
 def reserve_aligned(size):
     """Reserve ``size`` bytes of address space aligned to ``size``; returns the base.
 
-    SECS.BASEADDR must be naturally aligned to SECS.SIZE (SDM Vol. 3D, 34.7),
-    so reserve twice the size, keep the aligned middle and give back the rest.
+    SECS.BASEADDR must be naturally aligned to SECS.SIZE (SDM Vol. 3D, 34.7).
+    A random aligned base inside ENCLAVE_ZONE is tried first; if none is free,
+    the kernel picks: reserve twice the size, keep the aligned middle and give
+    back the rest.
     """
-    start = _mmap(0, 2 * size, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE)
+    flags = MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE
+    low, high = ENCLAVE_ZONE
+    for _ in range(_PLACEMENT_TRIES):
+        base = random.randrange(low // size, high // size) * size
+        try:
+            got = _mmap(base, size, PROT_NONE, flags | MAP_FIXED_NOREPLACE)
+        except OSError as e:
+            if e.errno != errno.EEXIST:
+                raise
+            continue
+        if got == base:
+            return base
+        release(got, size)  # a kernel before 4.17 took the address as a hint
+    start = _mmap(0, 2 * size, PROT_NONE, flags)
     base = -(-start // size) * size
     if base > start:
         release(start, base - start)

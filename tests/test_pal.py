@@ -102,8 +102,7 @@ def test_mapping_conflict_returns_the_enclave_and_builds(daemon, images):
     launch(images / "8", args)
     with Client(daemon.grpc_socket) as client:
         [entry] = client.list()
-    base = entry.layout[0].addr
-    blocker = _map_anonymous_at(base)
+    blocker = _block_a_page_of(entry.layout)
     try:
         with capture_logs() as logs:
             assert launch(images / "8", args) == ("built", GREETING)
@@ -166,10 +165,20 @@ _libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
 _MAP_FIXED_NOREPLACE = 0x100000
 
 
-def _map_anonymous_at(addr):
-    got = _libc.mmap(addr, mmap.PAGESIZE, mmap.PROT_READ | mmap.PROT_WRITE,
-                     mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | _MAP_FIXED_NOREPLACE,
-                     -1, 0)
-    assert got == addr, f"could not place a page at {addr:#x}"
-    ctypes.memmove(got, b"mine", 4)
-    return got
+def _block_a_page_of(layout):
+    """Map a page of our own inside the enclave's range and return it.
+
+    Other threads (gRPC's among them) may already have taken part of the
+    freed range, so the first page that is still free is the one used.
+    """
+    for entry in layout:
+        for addr in range(entry.addr, entry.addr + entry.size, mmap.PAGESIZE):
+            got = _libc.mmap(addr, mmap.PAGESIZE, mmap.PROT_READ | mmap.PROT_WRITE,
+                             mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS
+                             | _MAP_FIXED_NOREPLACE, -1, 0)
+            if got == addr:
+                ctypes.memmove(got, b"mine", 4)
+                return got
+            if got not in (None, ctypes.c_void_p(-1).value):
+                _libc.munmap(ctypes.c_void_p(got), mmap.PAGESIZE)
+    raise AssertionError("every page of the enclave's range is taken")
