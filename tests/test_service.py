@@ -1,0 +1,244 @@
+"""The gRPC service over a Unix socket, published clients' hand-off included."""
+
+import array
+import mmap
+import os
+import socket
+import time
+
+import grpc
+import pytest
+
+from epm_api import v1alpha1_pb2 as pb
+from epm_api import v1alpha1_pb2_grpc as pb_grpc
+from test_handoff import CONTENT, Client, enclave, identity, pool_one, sealed_memfd
+
+POOL = "enclave-cache-pool"
+SUBTYPE = "skeleton-0.0.0"
+
+
+@pytest.fixture
+def stub(daemon):
+    with grpc.insecure_channel(f"unix:{daemon.grpc_socket}") as channel:
+        yield pb_grpc.EnclavePoolManagerStub(channel)
+
+
+def listed(stub, **kwargs):
+    caches = stub.ListCache(pb.ListCacheRequest(type=POOL, **kwargs)).caches
+    result = []
+    for cache in caches:
+        enc = pb.Enclave()
+        assert cache.options.Unpack(enc)
+        result.append((cache, enc))
+    return result
+
+
+def wait_for_state(stub, cache_id, state, timeout=5):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        states = {c.ID: e.state for c, e in listed(stub)}
+        if states.get(cache_id) == state:
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def code_of(call, request):
+    with pytest.raises(grpc.RpcError) as info:
+        call(request)
+    return info.value.code(), info.value.details()
+
+
+def test_healthz(stub):
+    assert stub.Healthz(pb.HealthzRequest(type=POOL)).ok
+    assert stub.Healthz(pb.HealthzRequest()).ok
+
+
+def test_list_cache_shows_entries_with_state_and_identity(daemon, stub):
+    ids = sorted(pool_one(daemon.handoff_socket) for _ in range(3))
+
+    entries = listed(stub)
+    page = listed(stub, lastCacheID=ids[0], limit=1)
+
+    assert [c.ID for c, _ in entries] == ids
+    cache, enc = entries[0]
+    assert (cache.type, cache.subType, cache.size) == (POOL, SUBTYPE, 8192)
+    assert abs(cache.created - time.time()) < 60
+    assert (enc.fd, enc.nr, enc.state) == (-1, 1, "available")
+    assert enc.identity == identity() and enc.layout == enclave().layout
+    assert [c.ID for c, _ in page] == [ids[1]]
+    assert listed(stub, subType="other") == []
+
+
+def test_delete_cache(daemon, stub):
+    available = pool_one(daemon.handoff_socket)
+    client = Client(daemon.handoff_socket)
+    fd = sealed_memfd()
+    held = client.check_in(fd).id
+    os.close(fd)
+
+    def delete(cache_id):
+        return stub.DeleteCache(pb.DeleteCacheRequest(type=POOL, ID=cache_id))
+
+    assert delete(available).ok
+    assert code_of(delete, available)[0] == grpc.StatusCode.NOT_FOUND
+    code, details = code_of(delete, held)
+    assert code == grpc.StatusCode.FAILED_PRECONDITION and "held" in details
+    assert [c.ID for c, _ in listed(stub)] == [held]
+    client.close()
+
+
+def test_pick_cache_filters(daemon, stub):
+    pool_one(daemon.handoff_socket)
+    mrenclave = identity().mrenclave.hex()
+
+    def pick(**filters):
+        return stub.PickCache(pb.PickCacheRequest(
+            type=POOL, subType=SUBTYPE, filters=filters)).caches
+
+    assert len(pick(mrenclave=mrenclave)) == 1
+    assert len(pick(mrenclave="00" * 32)) == 0
+    code, details = code_of(stub.PickCache, pb.PickCacheRequest(
+        type=POOL, filters={"colour": "x"}))
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and "colour" in details
+
+
+METHODS = [
+    ("GetCache", lambda t: pb.GetCacheRequest(type=t, subType=SUBTYPE, ID="a")),
+    ("PickCache", lambda t: pb.PickCacheRequest(type=t)),
+    ("SaveCache", lambda t: pb.SaveCacheRequest(cache=pb.Cache(type=t, ID="a"))),
+    ("SaveFinalCache", lambda t: pb.SaveCacheRequest(cache=pb.Cache(type=t))),
+    ("ListCache", lambda t: pb.ListCacheRequest(type=t)),
+    ("DeleteCache", lambda t: pb.DeleteCacheRequest(type=t, ID="a")),
+    ("LoadCache", lambda t: pb.LoadCacheRequest(type=t)),
+    ("Healthz", lambda t: pb.HealthzRequest(type=t)),
+]
+
+
+@pytest.mark.parametrize("method, request_for", METHODS)
+def test_unknown_pool_type_is_invalid(stub, method, request_for):
+    code, details = code_of(getattr(stub, method), request_for("no-such-pool"))
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and "no-such-pool" in details
+
+
+@pytest.mark.parametrize("method, request_for", METHODS)
+def test_bundle_caches_are_unimplemented(stub, method, request_for):
+    code, details = code_of(getattr(stub, method),
+                            request_for("bundle-cache.occlum.cache1"))
+    assert code == grpc.StatusCode.UNIMPLEMENTED and "not built yet" in details
+
+
+def test_load_cache_does_not_apply(stub):
+    code, _ = code_of(stub.LoadCache, pb.LoadCacheRequest(type=POOL, ID="a"))
+    assert code == grpc.StatusCode.INVALID_ARGUMENT
+
+
+@pytest.mark.parametrize("bad_id", ["", "../etc", "a/b", "x" * 65, "sp ace"])
+def test_bad_legacy_id_is_invalid(stub, bad_id):
+    code, details = code_of(stub.SaveCache, legacy_save_request(bad_id))
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and details.startswith("ID:")
+    code, _ = code_of(stub.GetCache, pb.GetCacheRequest(
+        type=POOL, subType=SUBTYPE, ID=bad_id))
+    assert code == grpc.StatusCode.INVALID_ARGUMENT
+
+
+def legacy_save_request(cache_id, with_identity=False):
+    enc = enclave()
+    if not with_identity:
+        enc.ClearField("identity")
+    cache = pb.Cache(type=POOL, subType=SUBTYPE, ID=cache_id)
+    cache.options.Pack(enc)
+    return pb.SaveCacheRequest(cache=cache)
+
+
+def send_fd(path, fd):
+    """What a published client does at check-in: connect, send \\0 and the fd."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.connect(str(path))
+        sock.sendmsg([b"\0"], [(socket.SOL_SOCKET, socket.SCM_RIGHTS,
+                                array.array("i", [fd]).tobytes())])
+
+
+def legacy_check_in(daemon, stub, cache_id, with_identity=False):
+    assert stub.SaveCache(legacy_save_request(cache_id, with_identity)).ok
+    fd = sealed_memfd()
+    send_fd(daemon.run_dir / cache_id, fd)
+    os.close(fd)
+    assert wait_for_state(stub, cache_id, "held")
+    assert not (daemon.run_dir / cache_id).exists()
+
+
+@pytest.mark.parametrize("with_identity", [False, True])
+def test_legacy_check_in_save_final_and_get_cache(daemon, stub, with_identity):
+    legacy_check_in(daemon, stub, "ci-1", with_identity)
+    code, details = code_of(stub.SaveCache, legacy_save_request("ci-1"))
+    assert code == grpc.StatusCode.ALREADY_EXISTS
+    assert stub.SaveFinalCache(pb.SaveCacheRequest(
+        cache=pb.Cache(type=POOL, subType=SUBTYPE, ID="ci-1"))).ok
+    assert wait_for_state(stub, "ci-1", "available")
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(str(daemon.run_dir / "co-1"))
+    listener.listen(1)
+
+    response = stub.GetCache(pb.GetCacheRequest(type=POOL, subType=SUBTYPE,
+                                                ID="co-1"))
+
+    conn, _ = listener.accept()
+    data, ancdata, _, _ = conn.recvmsg(1, socket.CMSG_SPACE(8))
+    fds = array.array("i", ancdata[0][2])
+    os.unlink(daemon.run_dir / "co-1")
+    conn.close()
+    listener.close()
+    enc = pb.Enclave()
+    assert response.cache.options.Unpack(enc)
+    assert response.cache.ID == "ci-1" and enc.layout == enclave().layout
+    assert data == b"\0" and len(fds) == 1
+    with mmap.mmap(fds[0], 8192, mmap.MAP_SHARED, mmap.PROT_READ) as mem:
+        assert mem[:len(CONTENT)] == CONTENT
+    os.close(fds[0])
+    assert listed(stub) == []
+
+
+def test_get_cache_on_empty_pool_has_no_cache(stub):
+    response = stub.GetCache(pb.GetCacheRequest(type=POOL, subType=SUBTYPE,
+                                                ID="nobody"))
+    assert not response.HasField("cache")
+
+
+def test_get_cache_without_listener_is_unavailable_and_keeps_enclave(daemon, stub):
+    entry_id = pool_one(daemon.handoff_socket)
+
+    code, _ = code_of(stub.GetCache, pb.GetCacheRequest(
+        type=POOL, subType=SUBTYPE, ID="absent"))
+
+    assert code == grpc.StatusCode.UNAVAILABLE
+    assert wait_for_state(stub, entry_id, "available")
+
+
+def test_legacy_refuses_a_pipe(daemon, stub):
+    assert stub.SaveCache(legacy_save_request("pipe-1")).ok
+    r, w = os.pipe()
+    send_fd(daemon.run_dir / "pipe-1", r)
+    os.close(r)
+    os.close(w)
+    deadline = time.monotonic() + 5
+    while listed(stub) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert listed(stub) == []
+    assert not (daemon.run_dir / "pipe-1").exists()
+
+
+def test_save_final_of_pending_names_the_state(daemon, stub):
+    assert stub.SaveCache(legacy_save_request("pend-1")).ok
+    code, details = code_of(stub.SaveFinalCache, pb.SaveCacheRequest(
+        cache=pb.Cache(type=POOL, subType=SUBTYPE, ID="pend-1")))
+    assert code == grpc.StatusCode.FAILED_PRECONDITION and "pending" in details
+
+
+def test_stop_while_waiting_for_a_check_in_leaves_no_socket(daemon, stub):
+    assert stub.SaveCache(legacy_save_request("waiting")).ok
+    assert (daemon.run_dir / "waiting").exists()
+
+    assert daemon.stop() == 0
+
+    assert list(daemon.run_dir.iterdir()) == []
