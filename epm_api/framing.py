@@ -25,6 +25,10 @@ class FramingError(Exception):
     """The peer broke the frame format, sent too much, or was too slow."""
 
 
+class FrameTimeout(FramingError):
+    """A deadline passed: the peer went quiet, whether or not it sent a byte."""
+
+
 def send_frame(sock, payload, deadline, fd=None):
     """Send one frame, with ``fd`` in SCM_RIGHTS when given.
 
@@ -44,7 +48,7 @@ def send_frame(sock, payload, deadline, fd=None):
         try:
             sent = sock.sendmsg([data], ancillary)
         except TimeoutError:
-            raise FramingError("timed out sending a frame") from None
+            raise FrameTimeout("timed out sending a frame") from None
         ancillary = []
         data = data[sent:]
 
@@ -99,7 +103,7 @@ def _recv_exact(sock, size, first_deadline, deadline, fds, allow_eof=False):
             data, ancdata, flags, _ = sock.recvmsg(
                 size - len(buf), _CMSG_SPACE, socket.MSG_CMSG_CLOEXEC)
         except TimeoutError:
-            raise FramingError("timed out receiving a frame") from None
+            raise FrameTimeout("timed out receiving a frame") from None
         fds.extend(_fds_from(ancdata))
         if flags & socket.MSG_CTRUNC:
             raise FramingError("frame carried more descriptors than allowed")
@@ -123,5 +127,5 @@ def _fds_from(ancdata):
 def _set_timeout(sock, deadline, what):
     remaining = deadline - time.monotonic()
     if remaining <= 0:
-        raise FramingError(f"timed out waiting to {what} a frame")
+        raise FrameTimeout(f"timed out waiting to {what} a frame")
     sock.settimeout(remaining)
