@@ -82,15 +82,17 @@ def launch(image_dir, args):
     pal = Pal()
     pal.init(args, image_dir=image_dir)
     read, write = os.pipe()
+    quiet = os.open(os.devnull, os.O_WRONLY)
     try:
         pid = pal.create_process("/bin/skeleton", ["skeleton"],
-                                 stdio=(0, write, 2))
+                                 stdio=(0, write, quiet))
         os.close(write)
         write = None
         exit_value = pal.exec(pid)
         greeting = os.read(read, 256).decode().strip()
     finally:
         os.close(read)
+        os.close(quiet)
         if write is not None:
             os.close(write)
         pal.destroy()
