@@ -37,9 +37,10 @@ _REFUSAL_TIMEOUT = 0.5
 class HandoffServer:
     """Serves the hand-off protocol on a Unix socket, one thread per connection."""
 
-    def __init__(self, pool, path, policy, timeout, idle_timeout,
+    def __init__(self, pool, reaper, path, policy, timeout, idle_timeout,
                  uid=None, gid=None, max_connections=64):
         self._pool = pool
+        self._reaper = reaper
         self.path = path
         self._policy = policy
         self._timeout = timeout
@@ -213,6 +214,7 @@ class HandoffServer:
         except BaseException:
             framing.close_all(fds)
             raise
+        self._reaper.watch(entry_id, peer.pid)
         return handoff_pb2.HandoffReply(code=_OK, id=entry_id)
 
     def _save_final(self, msg, peer):

@@ -20,6 +20,7 @@ from epm_server.handoff import HandoffServer
 from epm_server.legacy import LegacyHandoff
 from epm_server.peers import PeerPolicy
 from epm_server.pool import Pool
+from epm_server.reaper import OwnerReaper
 from epm_server.service import EnclavePoolService, serve
 from epm_server.sockets import is_served, unlink_socket
 
@@ -62,9 +63,11 @@ def run(cfg):
     pool = Pool(cfg.max_total, cfg.max_per_identity)
     policy = PeerPolicy(cfg.allowed_uids, cfg.allowed_gids, cfg.gid)
     legacy = LegacyHandoff(pool, cfg.socket_dir, policy, io_timeout=cfg.timeout)
-    handoff = HandoffServer(pool, cfg.handoff_path, policy, cfg.timeout,
+    reaper = OwnerReaper(pool)
+    handoff = HandoffServer(pool, reaper, cfg.handoff_path, policy, cfg.timeout,
                             cfg.idle_timeout, uid=cfg.uid, gid=cfg.gid)
     server = None
+    reaper.start()
     try:
         handoff.start()
         server = serve(EnclavePoolService(pool, legacy), cfg.grpc_address,
@@ -84,6 +87,7 @@ def run(cfg):
         unlink_socket(cfg.grpc_address)
         handoff.stop()
         legacy.stop()
+        reaper.stop()
         # Last: every thread that could send a pooled fd has ended.
         pool.close()
     logger.info("epm_stopped")

@@ -369,3 +369,42 @@ def test_daemon_survives_and_returns_to_baseline(daemon):
 
     assert daemon.proc.poll() is None
     assert wait_for_fds(daemon, baseline) == baseline
+
+
+# Run in another process: check an enclave in, print its ID, exit unsaved.
+CHECK_IN_CHILD = """
+import fcntl, os, socket, sys, time
+from epm_api import framing, handoff_pb2 as hpb, v1alpha1_pb2 as pb
+fd = os.memfd_create("enclave", os.MFD_ALLOW_SEALING)
+os.ftruncate(fd, 8192)
+fcntl.fcntl(fd, 1033, 0x6)
+ident = pb.EnclaveIdentity(mrenclave=b"\\x11" * 32, mrsigner=b"\\x22" * 32,
+                           attributes=4, xfrm=3, size=8192, backend="sim")
+enclave = pb.Enclave(nr=1, identity=ident, layout=[
+    pb.Enclavelayout(addr=0x10000000, size=8192)])
+sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+sock.connect(sys.argv[1])
+req = hpb.HandoffRequest(check_in=hpb.CheckIn(subtype="skeleton-0.0.0",
+                                              enclave=enclave))
+framing.send_frame(sock, req.SerializeToString(), time.monotonic() + 5, fd=fd)
+payload, _ = framing.recv_frame(sock, time.monotonic() + 5)
+print(hpb.HandoffReply.FromString(payload).id)
+"""
+
+
+def test_held_enclave_of_a_dead_owner_is_discarded(daemon):
+    child = subprocess.run(
+        [sys.executable, "-c", CHECK_IN_CHILD, str(daemon.handoff_socket)],
+        capture_output=True, text=True, timeout=30, cwd=os.getcwd())
+    assert child.returncode == 0, child.stderr
+    entry_id = child.stdout.strip()
+
+    # A save final would race the reaper and win: wait for its log event.
+    deadline = time.monotonic() + 5
+    while ("enclave_owner_died" not in daemon.log.read_text()
+           and time.monotonic() < deadline):
+        time.sleep(0.05)
+
+    client = Client(daemon.handoff_socket)
+    assert client.save_final(entry_id).code == 5
+    client.close()
