@@ -92,7 +92,13 @@ class HandoffServer:
                 conn, _ = self._listener.accept()
             except OSError:
                 return  # the listener was shut down by stop()
-            self._admit(conn)
+            try:
+                self._admit(conn)
+            except Exception:
+                # One bad connection (peer gone, no thread to spare) must not
+                # end the accept loop and with it the daemon's service.
+                log.exception("handoff_admit_failed")
+                conn.close()
 
     def _admit(self, conn):
         peer = peer_of(conn)
@@ -110,7 +116,13 @@ class HandoffServer:
                                   name=f"handoff-{peer.pid}", daemon=True)
         with self._lock:
             self._connections[conn] = thread
-        thread.start()
+        try:
+            thread.start()
+        except BaseException:
+            with self._lock:
+                del self._connections[conn]
+            self._slots.release()
+            raise
 
     def _refuse(self, conn, code, message):
         reply = handoff_pb2.HandoffReply(code=code, message=message)
@@ -126,6 +138,8 @@ class HandoffServer:
         try:
             while self._serve_one(conn, peer):
                 pass
+        except Exception:
+            log.exception("handoff_connection_failed", pid=peer.pid)
         finally:
             with self._lock:
                 del self._connections[conn]
