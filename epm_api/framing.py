@@ -22,7 +22,14 @@ _CMSG_SPACE = socket.CMSG_SPACE(_MAX_FDS_SEEN * array.array("i").itemsize)
 
 
 class FramingError(Exception):
-    """The peer broke the frame format, sent too much, or was too slow."""
+    """The peer broke the frame format, sent too much, or was too slow.
+
+    ``fd_sent`` is true when a send failed after the bytes that carry the
+    descriptor had left: the peer may hold it, so the sender must treat it
+    as delivered.
+    """
+
+    fd_sent = False
 
 
 class FrameTimeout(FramingError):
@@ -44,11 +51,18 @@ def send_frame(sock, payload, deadline, fd=None):
         fds = array.array("i", [fd])
         ancillary = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, fds.tobytes())]
     while data:
-        _set_timeout(sock, deadline, "send")
         try:
+            _set_timeout(sock, deadline, "send")
             sent = sock.sendmsg([data], ancillary)
-        except TimeoutError:
-            raise FrameTimeout("timed out sending a frame") from None
+        except (OSError, FramingError) as e:
+            if ancillary or fd is None:
+                if isinstance(e, TimeoutError):
+                    raise FrameTimeout("timed out sending a frame") from None
+                raise
+            # Part of the frame, the descriptor with it, is already out.
+            err = FramingError(f"frame cut short after its descriptor was sent: {e}")
+            err.fd_sent = True
+            raise err from e
         ancillary = []
         data = data[sent:]
 

@@ -250,10 +250,16 @@ class HandoffServer:
         reply = handoff_pb2.HandoffReply(
             code=_OK, id=entry.id,
             enclave=enclave_proto(entry.layout, entry.identity))
-        # A reply (at most 64 ranges, a few KiB) goes out in one socket buffer,
-        # so a failed send means the fd never reached the peer: it may go back.
-        if not self._send(conn, reply, fd=entry.fd):
-            self._pool.release(entry.id)
+        try:
+            framing.send_frame(conn, reply.SerializeToString(),
+                               time.monotonic() + self._timeout, fd=entry.fd)
+        except (framing.FramingError, OSError) as e:
+            log.info("handoff_reply_failed", reason=str(e), id=entry.id)
+            if getattr(e, "fd_sent", False):
+                # The peer may hold the fd: it must never go to another.
+                self._pool.hand_out(entry.id)
+            else:
+                self._pool.release(entry.id)
             return False
         self._pool.hand_out(entry.id)
         log.debug("enclave_checked_out", id=entry.id, subtype=subtype)
