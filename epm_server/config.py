@@ -3,8 +3,8 @@
 Keys follow the published daemon (``root``, ``db_path``, ``db_timeout``,
 ``[grpc] address``, ``uid``, ``gid``, ``max_recv_message_size``,
 ``max_send_message_size``); the published file is containerd-shaped, so the
-last four are accepted at the top level and inside ``[grpc]``. ``[handoff]``
-and ``[pool]`` are ours. Every key is checked; an error names it.
+last four are accepted at the top level and inside ``[grpc]``.
+``[handoff]``, ``[legacy]``, ``[pool]`` and ``[bundle]`` are ours. Every key is checked; an error names it.
 """
 
 import dataclasses
@@ -36,6 +36,10 @@ class Config:
     idle_timeout: float = 60.0
     max_total: int = 256
     max_per_identity: int = 32
+    legacy_accept_timeout: float = 10.0
+    # Empty: no client may name a source or target path until the operator
+    # says where bundles live; the daemon runs as root.
+    allowed_roots: tuple = ()
 
     @property
     def socket_dir(self):
@@ -84,6 +88,16 @@ def _seconds(key, value):
     return float(value)
 
 
+def _paths(key, value):
+    if not isinstance(value, list):
+        raise ConfigError(f"{key}: expected a list of absolute paths, got {value!r}")
+    paths = tuple(_path(f"{key}[{i}]", v) for i, v in enumerate(value))
+    for i, path in enumerate(paths):
+        if os.path.realpath(path) == "/":
+            raise ConfigError(f"{key}[{i}]: / would let clients name any file")
+    return paths
+
+
 def _ids(key, value):
     if not isinstance(value, list):
         raise ConfigError(f"{key}: expected a list of integers, got {value!r}")
@@ -116,6 +130,8 @@ _SCHEMA = {
         "max_total": ("max_total", _positive_int),
         "max_per_identity": ("max_per_identity", _positive_int),
     },
+    "legacy": {"accept_timeout": ("legacy_accept_timeout", _seconds)},
+    "bundle": {"allowed_roots": ("allowed_roots", _paths)},
 }
 
 

@@ -48,12 +48,6 @@ class FailedPrecondition(EpmError):
     code = 9
 
 
-class Unimplemented(EpmError):
-    """The pool type exists in the API but is not built yet."""
-
-    code = 12
-
-
 class Unavailable(EpmError):
     """The operation failed for a transient reason (a peer went away)."""
 

@@ -11,7 +11,6 @@ a bounded time, so no request thread and no socket file outlives its timeout.
 import array
 import errno
 import os
-import re
 import socket
 import threading
 import time
@@ -24,31 +23,19 @@ from epm_server.enclave import (
     identity_from_proto, layout_from_proto, subtype_from_request)
 from epm_server.errors import (
     AlreadyExists, EpmError, InvalidArgument, PermissionDenied, Unavailable)
+from epm_server.ids import validate_id
 from epm_server.peers import peer_of
 from epm_server.pool import ANY_IDENTITY, Owner
 from epm_server.sockets import listen_unix, unlink_socket
 
 log = structlog.get_logger(__name__)
 
-# The ID becomes a file name in a shared directory: no "/", no "..".
-_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
 _FD_SIZE = array.array("i").itemsize
 # Room for two fds, so that a client sending two is seen and refused.
 _CMSG_SPACE = socket.CMSG_SPACE(2 * _FD_SIZE)
 # How often a waiting check-in looks at the stop flag.
 _POLL = 0.2
 _CONNECT_RETRY = 0.02
-
-
-def validate_id(cache_id):
-    """Return ``cache_id`` if it is 1..64 of ``[A-Za-z0-9_-]``.
-
-    Raises InvalidArgument naming the field.
-    """
-    if not _ID.fullmatch(cache_id):
-        raise InvalidArgument(f"ID: {cache_id!r} is not 1 to 64 characters of "
-                              "A-Z a-z 0-9 _ -")
-    return cache_id
 
 
 class LegacyHandoff:
@@ -65,6 +52,10 @@ class LegacyHandoff:
         self._stopping = threading.Event()
         self._lock = threading.Lock()
         self._waiters = set()
+        # IDs with a hand-off in flight, either way: a GetCache naming the ID
+        # of a waiting check-in would otherwise connect to our own listener.
+        self._busy_ids = set()
+        self._idle = threading.Condition(self._lock)
 
     def save_cache(self, cache_id, subtype, options):
         """Add a pending entry and wait in the background for its fd.
@@ -86,11 +77,17 @@ class LegacyHandoff:
         if self._stopping.is_set():
             raise Unavailable("the daemon is shutting down")
         path = os.path.join(self._dir, cache_id)
-        self._pool.add_pending(cache_id, subtype, identity, layout)
+        self._claim(cache_id)
+        try:
+            self._pool.add_pending(cache_id, subtype, identity, layout)
+        except EpmError:
+            self._unclaim(cache_id)
+            raise
         try:
             listener = listen_unix(path, backlog=1)
         except OSError as e:
             self._pool.discard(cache_id)
+            self._unclaim(cache_id)
             if e.errno == errno.EADDRINUSE:
                 raise AlreadyExists(f"ID: {path} exists already") from None
             raise Unavailable(f"cannot listen on {path}: {e.strerror}") from None
@@ -101,36 +98,66 @@ class LegacyHandoff:
             self._waiters.add(thread)
         thread.start()
 
-    def get_cache(self, cache_id, subtype):
+    def get_cache(self, cache_id, subtype, budget=None):
         """Send an available enclave of ``subtype`` to the client at ``<dir>/<ID>``.
 
+        ``budget`` bounds, in seconds, the wait for a late listener (the
+        caller's deadline); None means the configured connect timeout.
         Returns the entry as it was handed out (its ``fd`` is the number the
         daemon had), or None when none is available. Raises InvalidArgument,
-        and Unavailable when the hand-off failed (the enclave is back).
+        AlreadyExists (the ID has a hand-off in flight), and Unavailable when
+        the hand-off failed (the enclave is back).
         """
         validate_id(cache_id)
         subtype = subtype_from_request(subtype, "subType")
-        entry = self._pool.lease(subtype, ANY_IDENTITY)
-        if entry is None:
-            return None
-        path = os.path.join(self._dir, cache_id)
+        if self._stopping.is_set():
+            raise Unavailable("the daemon is shutting down")
+        wait = self._connect_timeout if budget is None else min(
+            self._connect_timeout, max(budget, _CONNECT_RETRY))
+        self._claim(cache_id)
         try:
-            self._send_fd(path, entry.fd)
-        except (OSError, EpmError) as e:
-            self._pool.release(entry.id)
-            reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
-            log.info("legacy_send_failed", id=cache_id, reason=reason)
-            raise Unavailable(f"hand-off to {path} failed: {reason}") from None
-        self._pool.hand_out(entry.id)
-        return entry
+            entry = self._pool.lease(subtype, ANY_IDENTITY)
+            if entry is None:
+                return None
+            path = os.path.join(self._dir, cache_id)
+            try:
+                self._send_fd(path, entry.fd, wait)
+            except (OSError, EpmError) as e:
+                self._pool.release(entry.id)
+                reason = (e.strerror if isinstance(e, OSError) and e.strerror
+                          else str(e))
+                log.info("legacy_send_failed", id=cache_id, reason=reason)
+                raise Unavailable(f"hand-off to {path} failed: {reason}") from None
+            self._pool.hand_out(entry.id)
+            return entry
+        finally:
+            self._unclaim(cache_id)
 
     def stop(self):
-        """Give up waiting for check-ins; their entries and socket files go."""
+        """Give up waiting for check-ins; their entries and socket files go.
+
+        Also waits (bounded) for check-outs in flight, which hold a leased fd
+        that the pool closes next.
+        """
         self._stopping.set()
         with self._lock:
             waiters = list(self._waiters)
         for thread in waiters:
             thread.join(self._io_timeout + 2 * _POLL)
+        with self._idle:
+            self._idle.wait_for(lambda: not self._busy_ids,
+                                self._connect_timeout + self._io_timeout)
+
+    def _claim(self, cache_id):
+        with self._lock:
+            if cache_id in self._busy_ids:
+                raise AlreadyExists(f"ID: {cache_id} has a hand-off in flight")
+            self._busy_ids.add(cache_id)
+
+    def _unclaim(self, cache_id):
+        with self._idle:
+            self._busy_ids.discard(cache_id)
+            self._idle.notify_all()
 
     def _receive(self, cache_id, identity, listener, path):
         fd = None
@@ -160,6 +187,7 @@ class LegacyHandoff:
         finally:
             with self._lock:
                 self._waiters.discard(threading.current_thread())
+            self._unclaim(cache_id)
 
     def _accept(self, listener, path):
         deadline = time.monotonic() + self._accept_timeout
@@ -191,18 +219,20 @@ class LegacyHandoff:
                                   f"{data!r} with {len(fds)} fds")
         return fds[0]
 
-    def _send_fd(self, path, fd):
-        with self._connect(path) as sock:
+    def _send_fd(self, path, fd, wait):
+        with self._connect(path, wait) as sock:
             peer = peer_of(sock)
+            if peer.pid == os.getpid():
+                raise PermissionDenied(f"the listener on {path} is the daemon")
             if not self._policy.allows(peer):
                 raise PermissionDenied(f"the listener on {path} is uid {peer.uid}")
             fds = array.array("i", [fd])
             sock.sendmsg([b"\0"], [(socket.SOL_SOCKET, socket.SCM_RIGHTS,
                                     fds.tobytes())])
 
-    def _connect(self, path):
+    def _connect(self, path, wait):
         # The client may start listening just after its GetCache call.
-        deadline = time.monotonic() + self._connect_timeout
+        deadline = time.monotonic() + wait
         while True:
             sock = socket.socket(socket.AF_UNIX,
                                  socket.SOCK_STREAM | socket.SOCK_CLOEXEC)

@@ -9,18 +9,23 @@ import argparse
 import os
 import signal
 import socket
+import sqlite3
 import sys
 import threading
 
 import structlog
 
 from epm_server import config, log
+from epm_server.bundle import BundleCaches
 from epm_server.errors import ConfigError
 from epm_server.handoff import HandoffServer
 from epm_server.legacy import LegacyHandoff
 from epm_server.peers import PeerPolicy
 from epm_server.pool import Pool
 from epm_server.reaper import OwnerReaper
+from epm_server.reconcile import reconcile
+from epm_server.records import Records
+from epm_server.safecopy import AllowedRoots
 from epm_server.service import EnclavePoolService, serve
 from epm_server.sockets import is_served, unlink_socket
 
@@ -60,9 +65,14 @@ def run(cfg):
         signal.signal(signum, lambda *_: stop.set())
     for path in (cfg.grpc_address, cfg.handoff_path):
         _prepare_socket_path(path)
+    records = _open_records(cfg)
+    bundles = BundleCaches(cfg.root, records, AllowedRoots(
+        cfg.allowed_roots, private=(cfg.root, cfg.db_path)))
     pool = Pool(cfg.max_total, cfg.max_per_identity)
     policy = PeerPolicy(cfg.allowed_uids, cfg.allowed_gids, cfg.gid)
-    legacy = LegacyHandoff(pool, cfg.socket_dir, policy, io_timeout=cfg.timeout)
+    legacy = LegacyHandoff(pool, cfg.socket_dir, policy,
+                           accept_timeout=cfg.legacy_accept_timeout,
+                           io_timeout=cfg.timeout)
     reaper = OwnerReaper(pool)
     handoff = HandoffServer(pool, reaper, cfg.handoff_path, policy, cfg.timeout,
                             cfg.idle_timeout, uid=cfg.uid, gid=cfg.gid)
@@ -70,7 +80,7 @@ def run(cfg):
     reaper.start()
     try:
         handoff.start()
-        server = serve(EnclavePoolService(pool, legacy), cfg.grpc_address,
+        server = serve(EnclavePoolService(pool, legacy, bundles), cfg.grpc_address,
                        cfg.max_recv_message_size, cfg.max_send_message_size,
                        uid=cfg.uid, gid=cfg.gid)
         logger.info("epm_started", grpc=cfg.grpc_address, handoff=cfg.handoff_path,
@@ -90,8 +100,20 @@ def run(cfg):
         reaper.stop()
         # Last: every thread that could send a pooled fd has ended.
         pool.close()
+        records.close()
     logger.info("epm_stopped")
     return 0
+
+
+def _open_records(cfg):
+    """Open the bundle caches' database and make it agree with the disk."""
+    os.makedirs(cfg.root, mode=0o755, exist_ok=True)
+    try:
+        records = Records(cfg.db_path, cfg.db_timeout)
+    except sqlite3.Error as e:
+        raise StartupError(f"cannot open the database {cfg.db_path}: {e}") from None
+    reconcile(cfg.root, records)
+    return records
 
 
 def _prepare_socket_path(path):

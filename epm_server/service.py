@@ -1,7 +1,8 @@
-"""The gRPC servicer: a thin adapter from ``v1alpha1`` requests to the pool.
+"""The gRPC servicer: a thin adapter from ``v1alpha1`` requests to the core.
 
-Requests are validated here, the pool and the legacy hand-off do the work,
-and ``_STATUS`` is the one place where our errors become gRPC status codes.
+Requests are validated here, the enclave pool, the legacy hand-off and the
+bundle caches do the work, and ``_STATUS`` is the one place where our errors
+become gRPC status codes.
 """
 
 import concurrent.futures
@@ -12,14 +13,18 @@ import grpc
 
 from epm_api import v1alpha1_pb2 as pb
 from epm_api import v1alpha1_pb2_grpc as pb_grpc
+from epm_server.bundle import BUNDLE_TYPES
 from epm_server.enclave import enclave_proto
-from epm_server.errors import EpmError, InvalidArgument, Unimplemented
-from epm_server.legacy import validate_id
+from epm_server.errors import EpmError, InvalidArgument
+from epm_server.ids import validate_id
 from epm_server.pool import State
 
 ENCLAVE_POOL = "enclave-cache-pool"
-BUNDLE_POOLS = frozenset(f"bundle-cache.occlum.cache{i}" for i in range(3))
+BUNDLE_POOLS = frozenset(BUNDLE_TYPES)
 PICK_FILTERS = ("mrenclave", "mrsigner", "backend", "size")
+# A legacy check-out must have sent its fd before the client's deadline: the
+# published client gives each call 1 s, and the reply still has to travel.
+_REPLY_MARGIN = 0.1
 
 # Our error codes are gRPC status numbers; this maps them to grpc's enum.
 _STATUS = {status.value[0]: status for status in grpc.StatusCode}
@@ -36,13 +41,17 @@ def _adapt(method):
     return call
 
 
-def _check_type(pool_type):
+def _is_bundle(pool_type, field="type"):
+    """True for a bundle cache type, False for the enclave pool.
+
+    Raises InvalidArgument for any other type.
+    """
     if pool_type == ENCLAVE_POOL:
-        return
+        return False
     if pool_type in BUNDLE_POOLS:
-        raise Unimplemented(f"type: {pool_type} is a bundle cache; bundle caches "
-                            "are not built yet (a later issue)")
-    raise InvalidArgument(f"type: unknown pool type {pool_type!r}")
+        return True
+    raise InvalidArgument(f"{field}: unknown pool type {pool_type!r}; known: "
+                          f"{ENCLAVE_POOL}, {', '.join(BUNDLE_TYPES)}")
 
 
 def cache_of(entry):
@@ -74,31 +83,55 @@ def _matches(entry, filters):
     return True
 
 
-class EnclavePoolService(pb_grpc.EnclavePoolManagerServicer):
-    """All eight ``v1alpha1.EnclavePoolManager`` methods over one pool."""
+def bundle_cache_of(bundles, record):
+    """The ``Cache`` message of a bundle cache, its parent chain included."""
+    chain = [record, *bundles.ancestors(record)]
+    cache = None
+    for item in reversed(chain):
+        node = pb.Cache(type=item.type, subType=item.subtype, ID=item.id,
+                        savePath=bundles.save_path(item), size=item.size,
+                        created=item.created)
+        if cache is not None:
+            node.parent.CopyFrom(cache)
+        cache = node
+    return cache
 
-    def __init__(self, pool, legacy):
+
+class EnclavePoolService(pb_grpc.EnclavePoolManagerServicer):
+    """All eight ``v1alpha1.EnclavePoolManager`` methods over every pool type."""
+
+    def __init__(self, pool, legacy, bundles):
         self._pool = pool
         self._legacy = legacy
+        self._bundles = bundles
 
     @_adapt
     def Healthz(self, request, context):
         if request.type:
-            _check_type(request.type)
+            _is_bundle(request.type)
         return pb.HealthzResponse(ok=True)
 
     @_adapt
     def ListCache(self, request, context):
-        _check_type(request.type)
+        bundle = _is_bundle(request.type)
         if request.limit < 0:
             raise InvalidArgument(f"limit: must not be negative, got {request.limit}")
+        if bundle:
+            records = self._bundles.list(request.type, request.subType,
+                                         request.lastCacheID, request.limit)
+            return pb.ListCacheResponse(caches=[
+                bundle_cache_of(self._bundles, r) for r in records])
         entries = self._pool.entries(subtype=request.subType,
                                      after=request.lastCacheID, limit=request.limit)
         return pb.ListCacheResponse(caches=[cache_of(e) for e in entries])
 
     @_adapt
     def PickCache(self, request, context):
-        _check_type(request.type)
+        if _is_bundle(request.type):
+            records = self._bundles.pick(request.type, request.subType,
+                                         dict(request.filters))
+            return pb.PickCacheResponse(caches=[
+                bundle_cache_of(self._bundles, r) for r in records])
         unknown = sorted(set(request.filters) - set(PICK_FILTERS))
         if unknown:
             raise InvalidArgument(f"filters: unknown key {unknown[0]!r}; known: "
@@ -110,7 +143,9 @@ class EnclavePoolService(pb_grpc.EnclavePoolManagerServicer):
 
     @_adapt
     def DeleteCache(self, request, context):
-        _check_type(request.type)
+        if _is_bundle(request.type):
+            self._bundles.delete(request.type, request.subType, request.ID)
+            return pb.DeleteCacheResponse(ok=True)
         if not request.ID:
             raise InvalidArgument("ID: must not be empty")
         self._pool.delete(request.ID, subtype=request.subType)
@@ -118,21 +153,38 @@ class EnclavePoolService(pb_grpc.EnclavePoolManagerServicer):
 
     @_adapt
     def LoadCache(self, request, context):
-        _check_type(request.type)
+        if _is_bundle(request.type):
+            self._bundles.load(request.type, request.subType, request.ID,
+                               request.targetPath)
+            return pb.LoadCacheResponse(ok=True)
         raise InvalidArgument("LoadCache: does not apply to the enclave pool "
                               "(its enclaves are fds, not files to load)")
 
     @_adapt
     def SaveCache(self, request, context):
-        cache = request.cache
-        _check_type(cache.type)
+        cache = _cache_of_request(request)
+        if _is_bundle(cache.type, "cache.type"):
+            parent = None
+            if cache.HasField("parent"):
+                _is_bundle(cache.parent.type, "cache.parent.type")
+                if cache.parent.type == ENCLAVE_POOL:
+                    raise InvalidArgument("cache.parent.type: a bundle cache's "
+                                          "parent must be a bundle cache")
+                parent = (cache.parent.type, cache.parent.ID)
+            self._bundles.save(cache.type, cache.subType, cache.ID, parent,
+                               request.sourcePath)
+            return pb.SaveCacheResponse(ok=True)
         self._legacy.save_cache(cache.ID, cache.subType, cache.options)
         return pb.SaveCacheResponse(ok=True)
 
     @_adapt
     def SaveFinalCache(self, request, context):
-        cache = request.cache
-        _check_type(cache.type)
+        cache = _cache_of_request(request)
+        if _is_bundle(cache.type, "cache.type"):
+            # A bundle save is complete when SaveCache answers; this only
+            # confirms that the cache exists.
+            self._bundles.get(cache.type, cache.subType, cache.ID)
+            return pb.SaveCacheResponse(ok=True)
         validate_id(cache.ID)
         if cache.subType and self._pool.get(cache.ID).subtype != cache.subType:
             raise InvalidArgument(f"subType: enclave {cache.ID} is not of subtype "
@@ -142,8 +194,12 @@ class EnclavePoolService(pb_grpc.EnclavePoolManagerServicer):
 
     @_adapt
     def GetCache(self, request, context):
-        _check_type(request.type)
-        entry = self._legacy.get_cache(request.ID, request.subType)
+        if _is_bundle(request.type):
+            record = self._bundles.get(request.type, request.subType, request.ID)
+            return pb.GetCacheResponse(cache=bundle_cache_of(self._bundles, record))
+        remaining = context.time_remaining()
+        budget = None if remaining is None else remaining - _REPLY_MARGIN
+        entry = self._legacy.get_cache(request.ID, request.subType, budget)
         if entry is None:
             return pb.GetCacheResponse()
         cache = cache_of(entry)
@@ -152,6 +208,13 @@ class EnclavePoolService(pb_grpc.EnclavePoolManagerServicer):
         cache.options.Pack(enclave_proto(entry.layout, entry.identity, fd=entry.fd,
                                          state=State.HANDED_OUT.value))
         return pb.GetCacheResponse(cache=cache)
+
+
+def _cache_of_request(request):
+    # The published daemon dereferenced a missing cache and crashed.
+    if not request.HasField("cache"):
+        raise InvalidArgument("cache: missing; the request names no cache")
+    return request.cache
 
 
 def serve(service, path, max_recv, max_send, uid=None, gid=None, workers=8):

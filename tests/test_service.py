@@ -121,13 +121,6 @@ def test_unknown_pool_type_is_invalid(stub, method, request_for):
     assert code == grpc.StatusCode.INVALID_ARGUMENT and "no-such-pool" in details
 
 
-@pytest.mark.parametrize("method, request_for", METHODS)
-def test_bundle_caches_are_unimplemented(stub, method, request_for):
-    code, details = code_of(getattr(stub, method),
-                            request_for("bundle-cache.occlum.cache1"))
-    assert code == grpc.StatusCode.UNIMPLEMENTED and "not built yet" in details
-
-
 def test_load_cache_does_not_apply(stub):
     code, _ = code_of(stub.LoadCache, pb.LoadCacheRequest(type=POOL, ID="a"))
     assert code == grpc.StatusCode.INVALID_ARGUMENT

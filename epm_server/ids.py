@@ -1,0 +1,19 @@
+"""Cache IDs: they become file names in shared directories, so few are allowed."""
+
+import re
+
+from epm_server.errors import InvalidArgument
+
+# No "/", no "..", no NUL, nothing a shell or a path would read specially.
+_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
+
+
+def validate_id(cache_id, field="ID"):
+    """Return ``cache_id`` if it is 1..64 of ``[A-Za-z0-9_-]``.
+
+    Raises InvalidArgument naming the field.
+    """
+    if not _ID.fullmatch(cache_id):
+        raise InvalidArgument(f"{field}: {cache_id!r} is not 1 to 64 characters "
+                              "of A-Z a-z 0-9 _ -")
+    return cache_id
