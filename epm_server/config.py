@@ -4,7 +4,8 @@ Keys follow the published daemon (``root``, ``db_path``, ``db_timeout``,
 ``[grpc] address``, ``uid``, ``gid``, ``max_recv_message_size``,
 ``max_send_message_size``); the published file is containerd-shaped, so the
 last four are accepted at the top level and inside ``[grpc]``.
-``[handoff]``, ``[legacy]``, ``[pool]`` and ``[bundle]`` are ours. Every key is checked; an error names it.
+``[handoff]``, ``[legacy]``, ``[pool]`` and ``[bundle]`` are ours. Every key
+is checked; an error names it.
 """
 
 import dataclasses
