@@ -97,10 +97,14 @@ class Enclave:
     page (the first layout entry) once mapped; it is None while unmapped.
     """
 
-    def __init__(self, fd, layout, identity, *, base=None, reservation=None):
+    def __init__(self, fd, layout, identity, *, base=None, reservation=None,
+                 sigstruct=None):
         self.fd = fd
         self.layout = list(layout)
         self.identity = identity
+        # The SIGSTRUCT record the enclave was initialized with: its ISV fields
+        # go into reports, and the sgx backend enters at its image's OENTRY.
+        self.sigstruct = sigstruct
         self.backend = identity.backend
         self.base = _base_of(self.layout, identity.size) if base is None else base
         self.oentry = None
@@ -111,9 +115,18 @@ class Enclave:
         self._closed = False
 
     @classmethod
-    def adopt(cls, fd, layout, identity):
-        """Wrap an enclave fd received from elsewhere (e.g. the pool), not mapped."""
-        return cls(fd, layout, identity)
+    def adopt(cls, fd, layout, identity, sigstruct=None, oentry=None):
+        """Wrap an enclave fd received from elsewhere (e.g. the pool), not mapped.
+
+        ``sigstruct`` (the image's SIGSTRUCT record) is needed for reports;
+        ``oentry`` (the image's TCS OENTRY as added) is needed to enter an
+        sgx enclave, whose TCS page cannot be read.
+        """
+        if identity.backend == "sgx":
+            from skeleton.backends.sgx import SgxEnclave
+            return SgxEnclave(fd, layout, identity, sigstruct=sigstruct,
+                              oentry=oentry)
+        return cls(fd, layout, identity, sigstruct=sigstruct)
 
     @property
     def mapped(self):
@@ -185,6 +198,28 @@ class Enclave:
         buf = ffi.new("char[]", GREETING_BUFFER)
         ffi.cast("void (*)(uint64_t, void *)", entry)(op, buf)
         return ffi.string(buf, GREETING_BUFFER).decode()
+
+    def report(self, targetinfo, report_data):
+        """EREPORT: the 432-byte REPORT of this enclave for a target enclave.
+
+        ``targetinfo`` is a 512-byte TARGETINFO, ``report_data`` 64 bytes. In
+        sim the backend plays the CPU (``skeleton.report``), with the secret
+        from $EPM_SIM_SECRET_DIR. Raises ReportError for bad sizes, an unknown
+        SIGSTRUCT or an unreadable secret.
+        """
+        from skeleton import report
+        report.check_sizes(targetinfo, report_data)
+        if self.sigstruct is None:
+            raise report.ReportError("the enclave's SIGSTRUCT is unknown (adopt it "
+                                     "with sigstruct=): its ISV fields are needed")
+        if self._closed:
+            raise SkeletonError("the enclave is closed")
+        return report.ereport(
+            report.load_secret(), bytes(targetinfo), bytes(report_data),
+            mrenclave=self.identity.mrenclave, mrsigner=self.identity.mrsigner,
+            attributes=self.identity.attributes, xfrm=self.identity.xfrm,
+            isvprodid=self.sigstruct.isvprodid, isvsvn=self.sigstruct.isvsvn,
+            miscselect=self.sigstruct.miscselect)
 
     def unmap(self):
         """Unmap the enclave's memory and any address space reserved for it."""

@@ -10,6 +10,7 @@ from skeleton.measure import Geometry, round_up
 from skeleton.structs import (METADATA, PAGE_SIZE, SIGSTRUCT, SIGSTRUCT_HEADER,
                               SIGSTRUCT_HEADER2, TCS)
 
+MMAP_MIN_ADDR_PATH = "/proc/sys/vm/mmap_min_addr"
 IMAGE_NAME = "encl.bin"
 SIGSTRUCT_NAME = "encl.ss"
 # The TCS page and the page holding the metadata record.
@@ -96,6 +97,43 @@ def load_image(directory):
         raise ImageError(f"{image_path}: TCS OENTRY {oentry:#x} is outside the image")
     return EnclaveImage(data=data, metadata=metadata, sigstruct=sigstruct,
                         sigstruct_bytes=raw, geometry=geometry)
+
+
+def host_mmap_min_addr(path=MMAP_MIN_ADDR_PATH):
+    """This host's ``vm.mmap_min_addr``; raises ImageError when unreadable."""
+    try:
+        return int(pathlib.Path(path).read_text().split()[0])
+    except (OSError, ValueError, IndexError) as e:
+        raise ImageError(f"cannot read vm.mmap_min_addr from {path}: {e}") from None
+
+
+NO_PROTECTION_WARNING = (
+    "NULL-dereference protection is off: the enclave does not own address 0, "
+    "so a NULL pointer in enclave code reaches whatever the host maps there "
+    "(sign with -n to protect it)")
+
+
+def check_host(image, mmap_min_addr=None):
+    """Check that this host can run an image as signed; returns warnings.
+
+    With NULL-dereference protection the enclave starts at address 0 and the
+    image at the signed ``mmap_min_addr``; a host whose ``vm.mmap_min_addr``
+    differs would either refuse the mapping or leave pages below the image
+    that an attacker could map, so the start is refused. ``mmap_min_addr``
+    defaults to this host's value. Returns a list of warning strings (the
+    warning when protection is off); raises ImageError on a mismatch.
+    """
+    metadata = image.metadata
+    if not metadata.null_dereference_protection:
+        return [NO_PROTECTION_WARNING]
+    host = host_mmap_min_addr() if mmap_min_addr is None else mmap_min_addr
+    if host != metadata.mmap_min_addr:
+        raise ImageError(f"the image was signed for vm.mmap_min_addr "
+                         f"{metadata.mmap_min_addr:#x} with NULL-dereference "
+                         f"protection, but this host has {host:#x}: set "
+                         f"vm.mmap_min_addr={metadata.mmap_min_addr} or re-sign "
+                         "the image with -m")
+    return []
 
 
 def _read(path):

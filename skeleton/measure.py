@@ -76,7 +76,8 @@ class Geometry:
         if metadata.max_mmap_size:
             if metadata.max_mmap_size < mmap_size:
                 raise ImageError(f"max_mmap_size {metadata.max_mmap_size} is below the "
-                                 f"{mmap_size} bytes of image and SSA frames")
+                                 f"{mmap_size} bytes of image and SSA frames: "
+                                 f"the minimum is {mmap_size} ({mmap_size:#x})")
             mmap_size = round_up(metadata.max_mmap_size)
         enclave_size = PAGE_SIZE
         while enclave_size < mmap_size + encl_offset:

@@ -15,7 +15,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
 
 from skeleton.errors import ImageError, SigningError
-from skeleton.image import read_pages
+from skeleton.image import MMAP_MIN_ADDR_PATH, read_pages
+from skeleton.image import host_mmap_min_addr as _read_mmap_min_addr
 from skeleton.measure import Geometry, measure
 from skeleton.structs import (ATTR_DEBUG, ATTR_MODE64BIT, DEBUG_MARKER,
                               DEBUG_MARKER_OFFSET, METADATA, PAGE_SIZE, SIGSTRUCT,
@@ -62,11 +63,37 @@ def bcd_date(day):
     return int(day.strftime("%Y%m%d"), 16)
 
 
+def host_mmap_min_addr(path=MMAP_MIN_ADDR_PATH):
+    """The host's ``vm.mmap_min_addr``; raises SigningError when unreadable."""
+    try:
+        return _read_mmap_min_addr(path)
+    except ImageError as e:
+        raise SigningError(f"{e}; give it with -m") from None
+
+
+def implied_pair(value, mask, default_value, default_mask):
+    """An attribute (or XFRM) value and its mask, each implied by the other.
+
+    As the published signer does, a value given alone is also its mask (only
+    the bits it sets are enforced), and a mask given alone is also the value.
+    """
+    if value is None and mask is None:
+        return default_value, default_mask
+    if mask is None:
+        return value, value
+    if value is None:
+        return mask, mask
+    return value, mask
+
+
 def check_options(attributes, attributes_mask, xfrm, product):
     """Refuse what hardware would refuse or what would defeat a product enclave."""
     if not attributes & ATTR_MODE64BIT:
         raise SigningError(f"attributes {attributes:#x} lack 64-bit mode (bit 2), "
                            "which the skeleton requires")
+    if not attributes_mask & ATTR_MODE64BIT:
+        raise SigningError(f"attributes mask {attributes_mask:#x} does not enforce "
+                           "64-bit mode (bit 2): a 32-bit enclave would pass EINIT")
     if xfrm & XFRM_LEGACY != XFRM_LEGACY:
         raise SigningError(f"xfrm {xfrm:#x} lacks the legacy x87|SSE state "
                            f"({XFRM_LEGACY:#x}), the minimum")
@@ -86,22 +113,31 @@ def write_metadata(image_path, metadata):
 
 
 def sign(key, image_path, output_path, *, mmap_size=0, attributes=None,
-         attributes_mask=ALL_ONES, xfrm=XFRM_LEGACY, xfrm_mask=ALL_ONES,
+         attributes_mask=None, xfrm=None, xfrm_mask=None,
          product=False, debug_enclave=False, null_dereference_protection=False,
-         mmap_min_addr=0, tbs_path=None, date=None):
+         mmap_min_addr=None, tbs_path=None, date=None):
     """Sign an image: write its metadata, then its SIGSTRUCT to ``output_path``.
 
-    ``key`` is an RSA private key or the path of a PEM file. Returns the
-    SIGSTRUCT bytes. Raises SigningError for refused options or keys and
+    ``key`` is an RSA private key or the path of a PEM file. Attributes and
+    XFRM default to 64-bit mode and x87|SSE, each under an all-ones mask; a
+    value given without its mask implies the mask and the reverse.
+    ``mmap_min_addr`` defaults to the host's ``vm.mmap_min_addr``. Returns
+    the SIGSTRUCT bytes. Raises SigningError for refused options or keys and
     ImageError for an unusable image.
     """
     if not isinstance(key, rsa.RSAPrivateKey):
         key = load_key(key)
-    if attributes is None:
-        attributes = ATTR_MODE64BIT
+    implied_mask = attributes_mask is None
+    attributes, attributes_mask = implied_pair(attributes, attributes_mask,
+                                               ATTR_MODE64BIT, ALL_ONES)
+    xfrm, xfrm_mask = implied_pair(xfrm, xfrm_mask, XFRM_LEGACY, ALL_ONES)
     if debug_enclave:
         attributes |= ATTR_DEBUG
+        if implied_mask:
+            attributes_mask |= ATTR_DEBUG
     check_options(attributes, attributes_mask, xfrm, product)
+    if mmap_min_addr is None:
+        mmap_min_addr = host_mmap_min_addr()
     if mmap_min_addr % PAGE_SIZE:
         raise SigningError(f"mmap_min_addr {mmap_min_addr:#x} is not page aligned")
     miscselect = 0
@@ -145,7 +181,10 @@ def sign(key, image_path, output_path, *, mmap_size=0, attributes=None,
 
 
 def _hex(text):
-    return int(text, 16)
+    try:
+        return int(text, 16)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a hex number") from None
 
 
 def _parser():
@@ -163,13 +202,18 @@ def _parser():
                    metavar="BYTES", help="enclave mmap size (max_mmap_size)")
     p.add_argument("-a", "--attrs", type=_hex, metavar="HEX",
                    help="attributes (default 64-bit mode)")
-    p.add_argument("-A", "--attrs-mask", type=_hex, default=ALL_ONES, metavar="HEX")
-    p.add_argument("-x", "--xfrm", type=_hex, default=XFRM_LEGACY, metavar="HEX")
-    p.add_argument("-X", "--xfrm-mask", type=_hex, default=ALL_ONES, metavar="HEX")
+    p.add_argument("-A", "--attrs-mask", type=_hex, metavar="HEX",
+                   help="attributes mask (default: the attributes when given, "
+                        "else all ones)")
+    p.add_argument("-x", "--xfrm", type=_hex, metavar="HEX",
+                   help="XFRM (default x87|SSE, 0x3)")
+    p.add_argument("-X", "--xfrm-mask", type=_hex, metavar="HEX",
+                   help="XFRM mask (default: the XFRM when given, else all ones)")
     p.add_argument("-n", "--null_dereference_protection", action="store_true",
                    help="load the image above mmap_min_addr in an enclave at 0")
-    p.add_argument("-m", "--mmap_min_addr", type=_hex, default=0, metavar="HEX",
-                   help="image offset with -n (default 16 MiB)")
+    p.add_argument("-m", "--mmap_min_addr", type=_hex, metavar="HEX",
+                   help="the vm.mmap_min_addr the enclave will run with; with -n "
+                        "the image offset, 16 MiB when 0 (default: this host's)")
     p.add_argument("files", nargs="*", metavar="KEY IMAGE OUTPUT [SIGSTRUCT_TBS_OUT]")
     return p
 

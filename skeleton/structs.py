@@ -113,10 +113,31 @@ METADATA = Layout("Metadata", 17, [
 ])
 
 
+# SDM 34.17: TARGETINFO, the enclave a REPORT is meant for (512 bytes).
+TARGETINFO = Layout("Targetinfo", 512, [
+    ("mrenclave", 0, "32s"), ("attributes", 32, "Q"), ("xfrm", 40, "Q"),
+    ("config_svn", 50, "H"), ("miscselect", 52, "I"), ("config_id", 64, "64s"),
+])
+
+# SDM 34.18: REPORT, 384 bytes of REPORTBODY, then KEYID and the MAC over the
+# body (432 bytes).
+REPORT = Layout("Report", 432, [
+    ("cpusvn", 0, "16s"), ("miscselect", 16, "I"), ("isvextprodid", 32, "16s"),
+    ("attributes", 48, "Q"), ("xfrm", 56, "Q"), ("mrenclave", 64, "32s"),
+    ("mrsigner", 128, "32s"), ("config_id", 192, "64s"), ("isvprodid", 256, "H"),
+    ("isvsvn", 258, "H"), ("config_svn", 260, "H"), ("isvfamilyid", 304, "16s"),
+    ("report_data", 320, "64s"), ("keyid", 384, "32s"), ("mac", 416, "16s"),
+])
+REPORT_BODY_SIZE = 384
+REPORT_DATA_SIZE = 64
+
+
 def signed_bytes(sigstruct):
     """The bytes of a SIGSTRUCT that its RSA signature covers."""
     return b"".join(sigstruct[start:end] for start, end in SIGNED_RANGES)
 
 
 assert SIGSTRUCT.size == 1808 and SIGSTRUCT.offset("q2") + 384 == 1808
+assert REPORT.offset("keyid") == REPORT_BODY_SIZE and REPORT.size == 432
+assert TARGETINFO.size == 512 and REPORT.offset("report_data") + 64 == 384
 assert METADATA.size == struct.calcsize("<QBQ") == 17

@@ -7,7 +7,7 @@ import pytest
 
 from skeleton import build_image, sgxsign
 from skeleton.errors import ImageError
-from skeleton.image import load_image
+from skeleton.image import check_host, host_mmap_min_addr, load_image
 
 PAGE = 4096
 
@@ -92,4 +92,50 @@ def test_an_entry_outside_the_image_is_named(copy):
     data[32:40] = (1 << 40).to_bytes(8, "little")
     (copy / "encl.bin").write_bytes(data)
     with pytest.raises(ImageError, match="encl.bin: TCS OENTRY 0x10000000000"):
+        load_image(copy)
+
+
+def _protected(copy, mmap_min_addr):
+    sgxsign.sign(copy / "key.pem", copy / "encl.bin", copy / "encl.ss",
+                 mmap_size=8 << 20, null_dereference_protection=True,
+                 mmap_min_addr=mmap_min_addr)
+    return load_image(copy)
+
+
+@pytest.fixture
+def keyed(copy, signed):
+    shutil.copy(signed / "key.pem", copy / "key.pem")
+    return copy
+
+
+def test_check_host_warns_when_protection_is_off(signed):
+    warnings = check_host(load_image(signed), mmap_min_addr=4096)
+    assert len(warnings) == 1
+    assert warnings[0].startswith("NULL-dereference protection is off")
+
+
+def test_check_host_accepts_the_signed_mmap_min_addr(keyed):
+    assert check_host(_protected(keyed, 0x10000), mmap_min_addr=0x10000) == []
+
+
+def test_check_host_refuses_another_mmap_min_addr(keyed):
+    image = _protected(keyed, 0x10000)
+    with pytest.raises(ImageError, match="signed for vm.mmap_min_addr 0x10000 with "
+                                         "NULL-dereference protection, but this "
+                                         "host has 0x1000"):
+        check_host(image, mmap_min_addr=0x1000)
+
+
+def test_check_host_reads_this_hosts_mmap_min_addr(keyed):
+    assert host_mmap_min_addr() == 4096
+    assert check_host(_protected(keyed, 4096)) == []
+
+
+def test_a_mmap_size_below_the_image_names_the_minimum(copy):
+    data = bytearray((copy / "encl.bin").read_bytes())
+    last_page = len(data) - len(data) % PAGE
+    data[last_page:last_page + 8] = (PAGE).to_bytes(8, "little")
+    (copy / "encl.bin").write_bytes(data)
+    minimum = (len(data) - len(data) % PAGE + PAGE) + PAGE  # image, SSA frame
+    with pytest.raises(ImageError, match=f"the minimum is {minimum} "):
         load_image(copy)

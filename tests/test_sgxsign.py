@@ -1,6 +1,8 @@
 """sgxsign: the SIGSTRUCT it writes, the metadata it stores, what it refuses."""
 
 import datetime
+import hashlib
+import pathlib
 import shutil
 import struct
 
@@ -9,9 +11,12 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
 
 from skeleton import build_image, sgxsign
+from skeleton.backends import sim
 from skeleton.errors import SigningError
+from skeleton.image import load_image
 
 PAGE = 4096
+ALL = (1 << 64) - 1
 
 
 @pytest.fixture(scope="module")
@@ -142,7 +147,6 @@ def test_a_missing_image_is_one_line(key_path, tmp_path, capsys):
     assert capsys.readouterr().err == f"sgxsign: {tmp_path / 'nope'}: no such file\n"
 
 
-
 def test_a_refused_mmap_size_leaves_the_image_untouched(key_path, image, tmp_path,
                                                         capsys):
     before = image.read_bytes()
@@ -153,3 +157,103 @@ def test_a_refused_mmap_size_leaves_the_image_untouched(key_path, image, tmp_pat
     assert code == 1
     assert "max_mmap_size 4096 is below" in capsys.readouterr().err
     assert image.read_bytes() == before
+
+
+def _independent_mrenclave(image_bytes, xfrm_pages=1):
+    """MRENCLAVE from the signed image alone, following DESIGN §5 step by step."""
+    data = image_bytes + bytes(-len(image_bytes) % PAGE)
+    meta_at = len(data) - PAGE
+    max_mmap, protect, min_addr = struct.unpack_from("<QBQ", data, meta_at)
+    offset = (min_addr or 16 << 20) if protect else 0
+    mmap_size = max_mmap or len(data) + xfrm_pages * PAGE
+    mmap_size = -(-mmap_size // PAGE) * PAGE
+    size = PAGE
+    while size < mmap_size + offset:
+        size *= 2
+    h = hashlib.sha256(b"ECREATE\0" + struct.pack("<IQ", xfrm_pages, size)
+                       + bytes(44))
+
+    def add(at, flags, page):
+        h.update(b"EADD\0\0\0\0" + struct.pack("<QQ", at, flags) + bytes(40))
+        for chunk in range(0, PAGE, 256):
+            h.update(b"EEXTEND\0" + struct.pack("<Q", at + chunk) + bytes(48)
+                     + page[chunk:chunk + 256])
+
+    tcs = bytearray(data[:PAGE])
+    struct.pack_into("<Q", tcs, 16, offset + len(data))
+    struct.pack_into("<Q", tcs, 32, struct.unpack_from("<Q", tcs, 32)[0] + offset)
+    add(offset, 0x100, bytes(tcs))
+    for at in range(PAGE, mmap_size, PAGE):
+        add(offset + at, 0x207, data[at:at + PAGE].ljust(PAGE, b"\0"))
+    return h.digest()
+
+
+@pytest.mark.parametrize("options", [
+    [], ["-s", str(1 << 20)], ["-n"], ["-n", "-m", "0"],
+    ["-s", str(2 << 20), "-n", "-m", "10000"]])
+def test_mrenclave_matches_an_independent_calculation(key_path, image, tmp_path,
+                                                      options):
+    out = tmp_path / "encl.ss"
+
+    assert sgxsign.main([*options, str(key_path), str(image), str(out)]) == 0
+
+    assert out.read_bytes()[960:992] == _independent_mrenclave(image.read_bytes())
+
+
+def test_mmap_min_addr_defaults_to_the_hosts(key_path, image, tmp_path):
+    host = int(pathlib.Path("/proc/sys/vm/mmap_min_addr").read_text())
+    sgxsign.main([str(key_path), str(image), str(tmp_path / "encl.ss")])
+
+    data = image.read_bytes()
+    assert struct.unpack_from("<Q", data, len(data) - len(data) % PAGE + 9)[0] \
+        == host == 4096
+
+
+@pytest.mark.parametrize("options, fields", [
+    (["-a", "6"], (0x6, 0x3, 0x6, ALL)),
+    (["-A", "6"], (0x6, 0x3, 0x6, ALL)),
+    (["-a", "4", "-A", "fffffffffffffffd"], (0x4, 0x3, ~2 & ALL, ALL)),
+    (["-x", "7"], (0x4, 0x7, ALL, 0x7)),
+    (["-X", "7"], (0x4, 0x7, ALL, 0x7)),
+    (["-D"], (0x6, 0x3, ALL, ALL)),
+    (["-D", "-a", "4"], (0x6, 0x3, 0x6, ALL)),
+])
+def test_a_value_implies_its_mask_and_the_reverse(key_path, image, tmp_path,
+                                                  options, fields):
+    out = tmp_path / "encl.ss"
+    assert sgxsign.main([*options, str(key_path), str(image), str(out)]) == 0
+    sig = out.read_bytes()
+    assert tuple(_field(sig, at, 8) for at in (928, 936, 944, 952)) == fields
+
+
+@pytest.mark.parametrize("options, message", [
+    (["-N", "-a", "4"], "a product enclave (-N) must not mask out the debug "
+                        "attribute: it would allow debug launches"),
+    (["-N", "-A", "6"], "a product enclave (-N) must not have the debug attribute"),
+    (["-a", "4", "-A", "2"], "attributes mask 0x2 does not enforce 64-bit mode"),
+    (["-X", "1"], "xfrm 0x1 lacks the legacy x87|SSE state"),
+    (["-n", "-m", "1234"], "mmap_min_addr 0x1234 is not page aligned"),
+])
+def test_each_refusal_has_its_own_message(key_path, image, tmp_path, capsys,
+                                          options, message):
+    code = sgxsign.main([*options, str(key_path), str(image),
+                         str(tmp_path / "encl.ss")])
+
+    assert code == 1
+    assert capsys.readouterr().err.startswith(f"sgxsign: {message}")
+    assert not (tmp_path / "encl.ss").exists()
+
+
+def test_a_bad_hex_value_is_a_usage_error(key_path, image, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        sgxsign.main(["-a", "zz", str(key_path), str(image), str(tmp_path / "o")])
+    assert exit_info.value.code == 2
+    assert "'zz' is not a hex number" in capsys.readouterr().err
+
+
+def test_product_signature_launches_in_sim(key_path, image, tmp_path):
+    """-N with the default all-ones mask launches, without debug."""
+    sgxsign.sign(key_path, image, tmp_path / "encl.ss", product=True,
+                 mmap_size=1 << 20)
+    with sim.build(load_image(tmp_path)) as enclave:
+        assert enclave.ecall(0) == "Hello Inclavare Containers!"

@@ -7,7 +7,8 @@ import shutil
 import pytest
 from cryptography.hazmat.primitives.asymmetric import rsa
 
-from skeleton import build_image, sgxsign
+from skeleton import build_image, cpu, sgxsign
+from skeleton import image as image_module
 from skeleton.backends import SGX_DEVICE, get_backend, sim
 from skeleton.errors import BackendError, EinitError
 from skeleton.image import load_image
@@ -124,14 +125,77 @@ def test_einit_refuses_secs_outside_the_masks(signed, override, message):
         sim.build(load_image(signed), **override)
 
 
-def test_null_dereference_protection_maps_above_mmap_min_addr(signed, copy):
-    sgxsign.sign(signed / "key.pem", copy / "encl.bin",
-                 copy / "encl.ss", mmap_size=1 << 20, null_dereference_protection=True)
+def test_null_dereference_protection_at_16_mib_when_mmap_min_addr_is_0(signed, copy):
+    sgxsign.sign(signed / "key.pem", copy / "encl.bin", copy / "encl.ss",
+                 mmap_size=1 << 20, null_dereference_protection=True,
+                 mmap_min_addr=0)
     image = load_image(copy)
     with sim.build(image) as enclave:
         assert enclave.base == 0
         assert enclave.layout[0].addr == 16 << 20
         assert enclave.ecall(0) == GREETING
+
+
+def test_null_dereference_layout_on_this_host(signed, copy):
+    """vm.mmap_min_addr is 4096 here: the image loads at 0x1000 in an enclave at 0."""
+    assert image_module.host_mmap_min_addr() == 4096
+    sgxsign.sign(signed / "key.pem", copy / "encl.bin", copy / "encl.ss",
+                 mmap_size=1 << 20, null_dereference_protection=True)
+    image = load_image(copy)
+
+    assert image_module.check_host(image) == []
+    with sim.build(image) as enclave:
+        tcs, rest = enclave.layout
+        assert (enclave.base, enclave.identity.size) == (0, 2 << 20)
+        assert (tcs.addr, rest.addr) == (0x1000, 0x2000)
+        assert rest.addr + rest.size == 0x1000 + (1 << 20)
+        assert TCS.get(os.pread(enclave.fd, PAGE, 0x1000), "ossa") == \
+            0x1000 + len(image.data)
+        assert enclave.ecall(0) == GREETING
+
+
+def test_einit_accepts_a_debug_launch_of_a_debug_signature(signed, copy):
+    sgxsign.sign(signed / "key.pem", copy / "encl.bin", copy / "encl.ss",
+                 mmap_size=1 << 20, debug_enclave=True)
+    with sim.build(load_image(copy), debug=True) as enclave:
+        assert enclave.identity.attributes == 0x6
+
+
+def test_einit_refuses_a_debug_launch_of_a_product_signature(signed, copy):
+    sgxsign.sign(signed / "key.pem", copy / "encl.bin", copy / "encl.ss",
+                 mmap_size=1 << 20, product=True)
+    image = load_image(copy)
+    with pytest.raises(EinitError, match=r"product SIGSTRUCT \(signed with -N\) "
+                                         "cannot launch a debug enclave"):
+        sim.build(image, debug=True)
+    with sim.build(image) as enclave:
+        assert enclave.ecall(0) == GREETING
+
+
+def test_ecreate_refuses_a_32_bit_enclave(signed):
+    with pytest.raises(EinitError, match="32-bit enclaves are refused: attributes "
+                                         "0x0 lack MODE64BIT"):
+        sim.build(load_image(signed), attributes=0)
+
+
+def test_ecreate_refuses_xfrm_bits_the_host_lacks(signed, copy):
+    sgxsign.sign(signed / "key.pem", copy / "encl.bin", copy / "encl.ss",
+                 mmap_size=1 << 20, xfrm=0x7, xfrm_mask=0x3)
+    image = load_image(copy)
+    with pytest.raises(EinitError, match="XFRM 0x7 enables state components 0x4 "
+                                         "that this host's XCR0 0x3 lacks"):
+        sim.build(image, host_xcr0=0x3)
+    with sim.build(image, host_xcr0=0x7) as enclave:
+        assert enclave.identity.xfrm == 0x7
+
+
+def test_ecreate_refuses_xfrm_without_legacy_state(signed):
+    with pytest.raises(EinitError, match="XFRM 0x1 lacks x87|SSE"):
+        sim.build(load_image(signed), xfrm=0x1)
+
+
+def test_host_xcr0_has_the_legacy_state():
+    assert cpu.xcr0() & 0x3 == 0x3
 
 
 def test_sgx_backend_without_device_is_a_clear_error():

@@ -6,6 +6,7 @@ encrypted nor isolated from the host, which is why sim is only ever chosen
 explicitly.
 """
 
+import dataclasses
 import fcntl
 import os
 
@@ -15,9 +16,12 @@ from cryptography.hazmat.primitives.asymmetric import padding, rsa
 
 from epm_client.types import LayoutEntry
 from skeleton.enclave import Enclave, release, reserve_aligned
+from skeleton import cpu
 from skeleton.errors import EinitError
 from skeleton.measure import Measurement, pages
-from skeleton.structs import PAGE_SIZE, signed_bytes
+from skeleton.structs import (ATTR_DEBUG, ATTR_MODE64BIT, DEBUG_MARKER,
+                              DEBUG_MARKER_OFFSET, PAGE_SIZE, XFRM_LEGACY,
+                              signed_bytes)
 
 BACKEND = "sim"
 MEMFD_NAME = "epm-sim-enclave"
@@ -26,14 +30,20 @@ SEALS = fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SEAL
 SIGSTRUCT_EXPONENT = 3
 
 
-def build(image, *, attributes=None, xfrm=None):
+def build(image, *, attributes=None, xfrm=None, debug=False, host_xcr0=None):
     """Build, initialize and map an enclave from an image; returns the Enclave.
 
     The SECS attributes and XFRM are the SIGSTRUCT's unless given (as a loader
-    may request others). Raises EinitError when EINIT refuses the enclave.
+    may request others); ``debug`` asks for a debug launch (the PAL argument
+    ``debug``). ``host_xcr0`` stands in for this host's XCR0 (tests). Raises
+    EinitError when ECREATE or EINIT refuses the enclave.
     """
     secs_attributes = image.sigstruct.attributes if attributes is None else attributes
     secs_xfrm = image.sigstruct.xfrm if xfrm is None else xfrm
+    if debug:
+        secs_attributes |= ATTR_DEBUG
+    ecreate_checks(secs_attributes, secs_xfrm,
+                   cpu.xcr0() if host_xcr0 is None else host_xcr0)
     geometry = image.geometry
     fd = os.memfd_create(MEMFD_NAME, os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
     reservation = enclave = None
@@ -62,8 +72,10 @@ def build(image, *, attributes=None, xfrm=None):
             LayoutEntry(start + PAGE_SIZE, geometry.mmap_size - PAGE_SIZE,
                         read=True, write=True, execute=True, share=True),
         ]
-        enclave = Enclave(fd, layout, image.identity(BACKEND), base=base,
-                          reservation=reservation)
+        identity = dataclasses.replace(image.identity(BACKEND),
+                                       attributes=secs_attributes, xfrm=secs_xfrm)
+        enclave = Enclave(fd, layout, identity, base=base,
+                          reservation=reservation, sigstruct=image.sigstruct)
         enclave.map()
         return enclave
     except BaseException:
@@ -76,11 +88,38 @@ def build(image, *, attributes=None, xfrm=None):
         raise
 
 
+def ecreate_checks(attributes, xfrm, host_xcr0):
+    """Refuse a SECS that ECREATE would refuse (SDM Vol. 3D, 38.4 ECREATE).
+
+    Raises EinitError for a 32-bit enclave (this runtime only builds 64-bit
+    ones, as the published skeleton does) and for XFRM bits that the host's
+    XCR0 lacks or that leave out x87|SSE.
+    """
+    if not attributes & ATTR_MODE64BIT:
+        raise EinitError(f"32-bit enclaves are refused: attributes {attributes:#x} "
+                         "lack MODE64BIT (bit 2)")
+    if xfrm & XFRM_LEGACY != XFRM_LEGACY:
+        raise EinitError(f"XFRM {xfrm:#x} lacks x87|SSE ({XFRM_LEGACY:#x}), which "
+                         "every enclave must enable")
+    missing = xfrm & ~host_xcr0
+    if missing:
+        raise EinitError(f"XFRM {xfrm:#x} enables state components {missing:#x} "
+                         f"that this host's XCR0 {host_xcr0:#x} lacks")
+
+
+def is_product(sigstruct):
+    """Whether a SIGSTRUCT is a product signature: no debug marker in its header."""
+    marker = int.from_bytes(
+        sigstruct.header[DEBUG_MARKER_OFFSET:DEBUG_MARKER_OFFSET + 4], "little")
+    return not marker & DEBUG_MARKER
+
+
 def einit(image, mrenclave, attributes, xfrm, miscselect=0):
     """Check an enclave's SIGSTRUCT as EINIT does (SDM Vol. 3D, 38.4 EINIT).
 
-    Raises EinitError naming the reason: bad signature, MRENCLAVE mismatch, or
-    attributes, XFRM or MISCSELECT outside the SIGSTRUCT's masks.
+    Raises EinitError naming the reason: bad signature, MRENCLAVE mismatch, a
+    debug launch of a product signature, or attributes, XFRM or MISCSELECT
+    outside the SIGSTRUCT's masks.
     """
     sig = image.sigstruct
     if sig.exponent != SIGSTRUCT_EXPONENT:
@@ -102,6 +141,13 @@ def einit(image, mrenclave, attributes, xfrm, miscselect=0):
     if mrenclave != sig.enclave_hash:
         raise EinitError(f"MRENCLAVE mismatch: measured {mrenclave.hex()}, "
                          f"SIGSTRUCT has {sig.enclave_hash.hex()}")
+    # A product signature (no debug marker, DESIGN §5) enforces the debug bit
+    # as clear, so hardware refuses a debug launch in the mask check below;
+    # say why instead of reporting a bare mask mismatch.
+    if (attributes & ATTR_DEBUG and is_product(sig)
+            and sig.attributes_mask & ATTR_DEBUG and not sig.attributes & ATTR_DEBUG):
+        raise EinitError("a product SIGSTRUCT (signed with -N) cannot launch a "
+                         "debug enclave: drop the debug request or sign without -N")
     for name, secs, signed, mask in (
             ("attributes", attributes, sig.attributes, sig.attributes_mask),
             ("XFRM", xfrm, sig.xfrm, sig.xfrm_mask),
