@@ -2,7 +2,10 @@
 
 Check-out, check-in and save-final travel on the daemon's hand-off socket,
 one round trip each, with the enclave fd in SCM_RIGHTS (DESIGN.md section 3,
-"Our hand-off"). Listing, deleting and health checks use the gRPC API.
+"Our hand-off"). Listing, deleting and health checks use the gRPC API, and
+only they import grpc and its stubs: the PAL checks enclaves out in a process
+that starts for every container, where importing grpc alone would cost about
+90 ms and its threads would be inherited by a forked workload.
 """
 
 import dataclasses
@@ -10,12 +13,9 @@ import os
 import socket
 import time
 
-import grpc
-
 from epm_api import framing
 from epm_api import handoff_pb2 as hpb
 from epm_api import v1alpha1_pb2 as pb
-from epm_api import v1alpha1_pb2_grpc as pb_grpc
 from epm_client import errors
 from epm_client.types import (ENCLAVE_POOL, Identity, LayoutEntry,
                               enclave_to_proto)
@@ -212,6 +212,8 @@ class Client:
     def _call(self, method, request):
         if not os.path.exists(self.socket_path):
             raise errors.DaemonUnavailable(f"no epm socket at {self.socket_path}")
+        import grpc
+        from epm_api import v1alpha1_pb2_grpc as pb_grpc
         if self._stub is None:
             self._channel = grpc.insecure_channel(f"unix:{self.socket_path}")
             self._stub = pb_grpc.EnclavePoolManagerStub(self._channel)

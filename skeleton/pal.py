@@ -1,14 +1,19 @@
 """The skeleton's PAL life cycle as a Python API.
 
 rune drives a PAL in this order: ``init``, then per process
-``create_process`` and ``exec``, ``kill`` for signals, and ``destroy``. The
-C libraries ``liberpal-skeleton-v{1,2,3}.so`` wrap this class.
+``create_process`` and ``exec`` (API v1: ``run``), ``kill`` for signals, and
+``destroy``. The C libraries ``liberpal-skeleton-v{1,2,3}.so`` wrap this
+class (``skeleton.capi``).
 
 At ``init`` the enclave comes from the epm pool when one of the same
 identity is available (an instant launch), and is built otherwise. Either
 way it is checked in to the pool right away, held for this container, and
 ``destroy`` makes it available to the next one (SaveFinalCache), as the
 published runtime does. The argument ``no-epm`` keeps the daemon out of it.
+
+Only the hand-off socket is used here, never gRPC: the launch path must not
+import grpc (about 90 ms per container start) nor start its threads, which a
+forked workload would inherit.
 """
 
 import errno
@@ -16,14 +21,14 @@ import os
 import signal
 import time
 
-import structlog
-
-from epm_client import Client, EpmError, DaemonUnavailable
+from epm_client import Client, EpmError, DaemonUnavailable, LayoutEntry
 from skeleton import errors
 from skeleton.enclave import Enclave
 from skeleton.image import load_image
+from skeleton.log import get_logger
+from skeleton.structs import PAGE_SIZE
 
-log = structlog.get_logger("skeleton.pal")
+log = get_logger("skeleton.pal")
 
 # The subtype the published rune uses for the skeleton's pool.
 SUBTYPE = "skeleton-0.0.0"
@@ -57,22 +62,38 @@ def parse_args(text):
     return flags, values
 
 
-class Pal:
-    """One container's enclave runtime: at most one enclave at a time."""
+# The size of a REPORT and of a TARGETINFO (SDM Vol. 3D, 38.16 and 38.17).
+REPORT_SIZE = 432
+TARGETINFO_SIZE = 512
+REPORT_DATA_SIZE = 64
 
-    def __init__(self):
+
+class Pal:
+    """One container's enclave runtime: at most one enclave at a time.
+
+    ``spawn(enclave, wait_s, stdio)`` starts a workload process and returns
+    its pid; the default forks this interpreter. The C libraries pass one
+    whose child runs no Python at all (``skeleton.capi``).
+    """
+
+    def __init__(self, spawn=None):
         self.enclave = None
         self.source = None
         self.init_ms = None
+        self._spawn = spawn or _fork_workload
         self._client = None
         self._pool_id = None
         self._children = set()
 
-    def init(self, args="", image_dir=None, environ=None):
+    def init(self, args="", image_dir=None, environ=None, enclave_fd=None,
+             enclave_addr=None):
         """Obtain, map and initialize the container's enclave.
 
         ``image_dir`` holds ``encl.bin`` and ``encl.ss`` (default: the
-        working directory). Sets ``source`` to "pool" or "built". Raises
+        working directory). ``enclave_fd`` and ``enclave_addr`` (API v3) are
+        an enclave the host already holds and its base address: it is used
+        as it is, nothing is built or checked out, and ``destroy`` leaves the
+        fd to the host. Sets ``source`` to "pool", "built" or "host". Raises
         PalError when no enclave can be had.
         """
         started = time.perf_counter()
@@ -89,22 +110,26 @@ class Pal:
             raise PalError(errno.ENOENT, str(e)) from e
         identity = image.identity(backend)
 
-        if "no-epm" not in flags:
-            self._client = Client(values.get("epm-socket"))
-            self.enclave = self._check_out(subtype, identity)
-        if self.enclave is None:
-            self.enclave = _build(image, backend)
-            self.source = "built"
+        if enclave_fd is not None:
+            self.enclave = _host_enclave(image, identity, enclave_fd, enclave_addr)
+            self.source = "host"
         else:
-            self.source = "pool"
-        if self._client is not None:
-            self._check_in(subtype)
+            if "no-epm" not in flags:
+                self._client = Client(values.get("epm-socket"))
+                self.enclave = self._check_out(subtype, identity, image)
+            if self.enclave is None:
+                self.enclave = _build(image, backend)
+                self.source = "built"
+            else:
+                self.source = "pool"
+            if self._client is not None:
+                self._check_in(subtype)
 
         self.init_ms = (time.perf_counter() - started) * 1000
-        log.info("pal_initialized", source=self.source, backend=backend,
-                 size=identity.size, took_ms=round(self.init_ms, 3))
+        log.debug("pal_initialized", source=self.source, backend=backend,
+                  size=identity.size, took_ms=round(self.init_ms, 3))
 
-    def _check_out(self, subtype, identity):
+    def _check_out(self, subtype, identity, image):
         try:
             got = self._client.check_out(subtype, identity)
         except DaemonUnavailable as e:
@@ -117,7 +142,7 @@ class Pal:
             return None
         if got is None:
             return None
-        enclave = Enclave.adopt(got.fd, got.layout, got.identity)
+        enclave = _adopt(got.fd, got.layout, got.identity, image)
         try:
             enclave.map()
         except errors.MappingConflict as e:
@@ -155,11 +180,14 @@ class Pal:
         seconds, so that ``kill`` can be exercised.
         """
         enclave = self._require_enclave("pal_create_process")
-        pid = os.fork()
-        if pid == 0:
-            _run_workload(enclave, list(argv), stdio)
+        pid = self._spawn(enclave, _wait_seconds(list(argv)), tuple(stdio))
         self._children.add(pid)
         return pid
+
+    def run(self, path, argv=(), stdio=(0, 1, 2)):
+        """Run the workload in this process (API v1); return its exit value."""
+        enclave = self._require_enclave("pal_exec")
+        return _workload(enclave, _wait_seconds(list(argv)), stdio)
 
     def exec(self, pid):
         """Wait for the child ``pid``; return its exit value."""
@@ -171,7 +199,11 @@ class Pal:
         return os.waitstatus_to_exitcode(status)
 
     def kill(self, pid, sig):
-        """Send ``sig`` to our child ``pid``, or to all of them for -1."""
+        """Send ``sig`` to our child ``pid``, or to all of them for -1.
+
+        rune forwards every signal it catches, its own SIGCHLD included, as
+        ``kill(-1, sig)``: only this PAL's children are ever signalled.
+        """
         self._require_enclave("pal_kill")
         targets = set(self._children) if pid == -1 else {pid}
         if pid != -1 and pid not in self._children:
@@ -182,6 +214,30 @@ class Pal:
             except ProcessLookupError:
                 self._children.discard(target)
 
+    def get_local_report(self, targetinfo, report_len,
+                         report_data=bytes(REPORT_DATA_SIZE)):
+        """EREPORT for ``targetinfo``; returns the REPORT's bytes (API v3).
+
+        Raises PalError(EINVAL) when ``targetinfo`` is not a TARGETINFO or
+        ``report_len`` cannot hold a REPORT, and PalError(ENOSYS) when the
+        enclave cannot produce reports.
+        """
+        enclave = self._require_enclave("pal_get_local_report")
+        if len(targetinfo) != TARGETINFO_SIZE:
+            raise PalError(errno.EINVAL, f"targetinfo is {len(targetinfo)} bytes, "
+                           f"expected {TARGETINFO_SIZE}")
+        if report_len < REPORT_SIZE:
+            raise PalError(errno.EINVAL, f"report buffer is {report_len} bytes, "
+                           f"a REPORT needs {REPORT_SIZE}")
+        report = getattr(enclave, "report", None)
+        if report is None:
+            raise PalError(errno.ENOSYS, "this enclave runtime cannot produce "
+                           "reports yet (no EREPORT in skeleton.enclave)")
+        try:
+            return bytes(report(bytes(targetinfo), bytes(report_data)))
+        except errors.SkeletonError as e:
+            raise PalError(errno.EINVAL, str(e)) from e
+
     def destroy(self):
         """Unmap the enclave and return it to the pool (or close it)."""
         enclave = self._require_enclave("pal_destroy")
@@ -191,7 +247,8 @@ class Pal:
                 self._client.save_final(self._pool_id)
             except EpmError as e:
                 log.warning("epm_save_final_failed", id=self._pool_id, error=str(e))
-        enclave.close()
+        if self.source != "host":
+            enclave.close()
         if self._client is not None:
             self._client.close()
         self.enclave = self._client = self._pool_id = None
@@ -200,6 +257,40 @@ class Pal:
         if self.enclave is None:
             raise PalError(errno.EINVAL, f"{call} called before pal_init")
         return self.enclave
+
+
+def _adopt(fd, layout, identity, image):
+    """Enclave.adopt, with the image's SIGSTRUCT where adopt takes it."""
+    try:
+        return Enclave.adopt(fd, layout, identity, sigstruct=image.sigstruct)
+    except TypeError:
+        return Enclave.adopt(fd, layout, identity)
+
+
+def _host_enclave(image, identity, fd, base):
+    """Map an enclave the host passed (API v3) at ``base``.
+
+    Its layout is the one the sim backend gives an enclave of this image:
+    the TCS page read-write, then the rest of the mmap size read-write-
+    execute, from ``base`` plus the image's encl_offset. The sim backend's
+    build is the only place that layout is written down, so it is repeated
+    here; the two must change together.
+    """
+    if base % identity.size:
+        raise PalError(errno.EINVAL, f"enclave address {base:#x} is not aligned "
+                       f"to the enclave size {identity.size:#x}")
+    start = base + image.geometry.encl_offset
+    layout = [
+        LayoutEntry(start, PAGE_SIZE, read=True, write=True, share=True),
+        LayoutEntry(start + PAGE_SIZE, image.geometry.mmap_size - PAGE_SIZE,
+                    read=True, write=True, execute=True, share=True),
+    ]
+    enclave = _adopt(fd, layout, identity, image)
+    try:
+        enclave.map()
+    except errors.SkeletonError as e:
+        raise PalError(errno.EINVAL, f"cannot map the host's enclave: {e}") from e
+    return enclave
 
 
 def _build(image, backend):
@@ -215,20 +306,61 @@ def _build(image, backend):
         raise PalError(errno.EINVAL, str(e)) from e
 
 
-def _run_workload(enclave, argv, stdio):
-    """The forked child's whole life; never returns."""
-    code = 0
+def entry_address(enclave):
+    """The address a workload enters the enclave at (its ECALL entry point).
+
+    Raises PalError when the enclave's code cannot run in this process.
+    """
+    if enclave.backend != "sim":
+        raise PalError(errno.ENOSYS, f"entering an enclave on the {enclave.backend} "
+                       "backend needs EENTER, which is not implemented")
+    entry = enclave.base + enclave.oentry
+    if not any(e.execute and e.addr <= entry < e.addr + e.size
+               for e in enclave.layout):
+        raise PalError(errno.EFAULT, f"enclave entry {entry:#x} is not in "
+                       "executable memory")
+    return entry
+
+
+def _wait_seconds(argv):
+    """N of ``wait_timeout N`` in the workload's argv, else 0."""
+    if "wait_timeout" not in argv:
+        return 0
+    i = argv.index("wait_timeout")
     try:
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        return max(0, int(argv[i + 1]))
+    except (IndexError, ValueError):
+        return 0
+
+
+def _workload(enclave, wait_s, stdio):
+    """The workload: greet from the enclave, wait, report; returns 0 or 1."""
+    try:
         greeting = enclave.ecall(0)
         os.write(stdio[1], f"{greeting}\n".encode())
-        if "wait_timeout" in argv:
-            i = argv.index("wait_timeout")
-            time.sleep(int(argv[i + 1]) if i + 1 < len(argv) else 0)
+        time.sleep(wait_s)
         os.write(stdio[2], b"the skeleton workload ran successfully\n")
-    except BaseException as e:
+        return 0
+    except Exception as e:
         try:
             os.write(stdio[2], f"skeleton workload failed: {e}\n".encode())
+        except OSError:
+            pass
+        return 1
+
+
+def _fork_workload(enclave, wait_s, stdio):
+    """Fork this interpreter and run the workload in the child.
+
+    The child runs Python after fork, so this is for Python callers (tests,
+    the demo); the C libraries spawn a child that runs no Python.
+    """
+    pid = os.fork()
+    if pid == 0:
+        code = 1
+        try:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            code = _workload(enclave, wait_s, stdio)
         finally:
-            code = 1
-    os._exit(code)
+            os._exit(code)
+    return pid

@@ -1,0 +1,114 @@
+"""Build ``liberpal-skeleton-v<N>.so`` with cffi's embedding mode.
+
+    python -m skeleton.capi.build --version 3 --out build/liberpal-skeleton-v3.so
+
+The library embeds this interpreter's version of Python. The interpreter's
+home, and a sys.path made of this checkout and the virtual environment's
+site-packages, are baked into it: a host sets no PYTHONPATH or PYTHONHOME,
+and the library finds the project wherever it is installed, as long as this
+checkout and its environment stay where they were at build time.
+"""
+
+import argparse
+import os
+import pathlib
+import shutil
+import sys
+import sysconfig
+import tempfile
+
+import cffi
+
+HERE = pathlib.Path(__file__).resolve().parent
+REPO = HERE.parent.parent
+VERSIONS = (1, 2, 3)
+
+# What the Python side implements; glue.c declares the same functions static.
+CDEF = """
+typedef struct { const char *args; const char *log_level; } pal_attr_v1_t;
+typedef struct { pal_attr_v1_t attr_v1; int fd; uint64_t addr; } pal_attr_v3_t;
+typedef struct { int stdin, stdout, stderr; } pal_stdio_fds;
+typedef struct {
+    char *path; char **argv; char **env; pal_stdio_fds *stdio; int *pid;
+} pal_create_process_args;
+typedef struct { int pid; int *exit_value; } pal_exec_args;
+
+extern "Python" int _epm_boot(int version);
+extern "Python" int _epm_init(const char *args, const char *log_level, int fd,
+                              uint64_t addr);
+extern "Python" int _epm_run(char *path, char **argv, pal_stdio_fds *stdio,
+                             int *exit_code);
+extern "Python" int _epm_create_process(pal_create_process_args *args);
+extern "Python" int _epm_exec(int pid, int *exit_value);
+extern "Python" int _epm_kill(int pid, int sig);
+extern "Python" int _epm_get_local_report(void *targetinfo, int targetinfo_len,
+                                          void *report, int *report_len);
+extern "Python" int _epm_destroy(void);
+
+int epm_spawn_workload(uint64_t entry, int out, int err, unsigned int wait_s);
+"""
+
+# Runs once, in the library's constructor.
+INIT_CODE = """
+from {module} import ffi, lib
+from skeleton.capi import entry
+entry.bind(ffi, lib, {version})
+"""
+
+
+def module_name(version):
+    """The cffi module inside the library (a C identifier, unlike the file)."""
+    return f"_epm_pal_v{version}"
+
+
+def python_path():
+    """The sys.path baked into the library: this checkout, then the stdlib and
+    the environment's site-packages, without the build's working directory."""
+    paths = [str(REPO)]
+    for entry in sys.path:
+        if entry and os.path.isdir(entry) and entry not in paths \
+                and os.path.realpath(entry) != os.path.realpath(os.getcwd()):
+            paths.append(entry)
+    return ":".join(paths)
+
+
+def _c_string(text):
+    return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def build(version, out):
+    """Compile the library for PAL API ``version`` to the path ``out``."""
+    ffi = cffi.FFI()
+    ffi.cdef(CDEF)
+    ffi.embedding_init_code(INIT_CODE.format(module=module_name(version),
+                                             version=version))
+    libdir = sysconfig.get_config_var("LIBDIR")
+    source = (f"#define PAL_VERSION {version}\n"
+              f"#define EPM_PYTHON_HOME {_c_string(sys.base_prefix)}\n"
+              f"#define EPM_PYTHON_PATH {_c_string(python_path())}\n"
+              + (HERE / "glue.c").read_text())
+    ffi.set_source(
+        module_name(version), source,
+        extra_compile_args=["-fvisibility=hidden", "-Wno-unused-function"],
+        extra_link_args=[f"-Wl,-rpath,{libdir}",
+                         f"-Wl,--version-script={HERE / 'exports.map'}"],
+        libraries=["dl"])
+    out = pathlib.Path(out).resolve()
+    with tempfile.TemporaryDirectory(prefix="epm-pal-build-") as tmp:
+        built = ffi.compile(tmpdir=tmp, target=out.name, verbose=False)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        shutil.move(built, out)
+    return out
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--version", type=int, choices=VERSIONS, required=True,
+                        help="the PAL API version")
+    parser.add_argument("--out", required=True, help="the library to write")
+    args = parser.parse_args(argv)
+    build(args.version, args.out)
+
+
+if __name__ == "__main__":
+    main()
