@@ -20,6 +20,7 @@ def test_missing_default_file_means_defaults(monkeypatch, tmp_path):
     assert cfg.root == "/var/local/epm"
     assert (cfg.timeout, cfg.idle_timeout) == (5.0, 60.0)
     assert cfg.uid is None and cfg.gid is None
+    assert cfg.allowed_roots == () and cfg.legacy_accept_timeout == 10.0
 
 
 def test_missing_explicit_file_is_an_error(tmp_path):
@@ -47,6 +48,10 @@ idle_timeout = 9
 [pool]
 max_total = 10
 max_per_identity = 2
+[legacy]
+accept_timeout = 2.5
+[bundle]
+allowed_roots = ["/srv/bundles", "/run/rune"]
 """))
     assert cfg.root == "/srv/epm" and cfg.db_timeout == 3.0
     assert (cfg.uid, cfg.gid) == (1000, 1001)
@@ -56,6 +61,8 @@ max_per_identity = 2
     assert cfg.allowed_uids == (5, 6) and cfg.allowed_gids == (7,)
     assert (cfg.timeout, cfg.idle_timeout) == (0.5, 9.0)
     assert (cfg.max_total, cfg.max_per_identity) == (10, 2)
+    assert cfg.legacy_accept_timeout == 2.5
+    assert cfg.allowed_roots == ("/srv/bundles", "/run/rune")
 
 
 def test_handoff_socket_defaults_beside_grpc_socket(tmp_path):
@@ -75,6 +82,10 @@ def test_handoff_socket_defaults_beside_grpc_socket(tmp_path):
     ("root = \"relative\"\n", "root: expected an absolute path"),
     ("uid = 1\n[grpc]\nuid = 2\n", "grpc.uid: set twice"),
     ("[grpc\n", "invalid TOML"),
+    ("[bundle]\nallowed_roots = \"/srv\"\n", "bundle.allowed_roots: expected a list"),
+    ("[bundle]\nallowed_roots = [\"rel\"]\n", "bundle.allowed_roots[0]: expected"),
+    ("[bundle]\nallowed_roots = [\"/\"]\n", "bundle.allowed_roots[0]: / would"),
+    ("[legacy]\naccept_timeout = 0\n", "legacy.accept_timeout: expected a positive"),
 ])
 def test_bad_value_is_named(tmp_path, text, message):
     with pytest.raises(ConfigError, match=message.replace("[", r"\[")):
