@@ -4,8 +4,6 @@ A backend is chosen explicitly by name, never by falling back: a user who asked
 for hardware protection must not silently get a simulation.
 """
 
-import os
-
 from skeleton.errors import BackendError
 
 BACKENDS = ("sim", "sgx")
@@ -21,9 +19,7 @@ def get_backend(name):
         from skeleton.backends import sim
         return sim
     if name == "sgx":
-        if not os.path.exists(SGX_DEVICE):
-            raise BackendError(f"the sgx backend needs {SGX_DEVICE}, not found on "
-                               "this host; ask for the sim backend to simulate")
-        # The in-tree driver backend (DESIGN §5) is the subject of a later issue.
-        raise BackendError("the sgx backend is not implemented yet")
+        from skeleton.backends import sgx
+        sgx.detect()
+        return sgx
     raise BackendError(f"unknown backend {name!r}: expected one of {BACKENDS}")
