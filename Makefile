@@ -11,10 +11,15 @@ IMAGES := $(foreach s,$(SIZES),$(BUILD)/images/$(s)/encl.ss)
 PROTOS := $(wildcard proto/epm_api/*.proto)
 STUBS := $(patsubst proto/%.proto,%_pb2.py,$(PROTOS))
 ENCLAVE_SRC := $(wildcard skeleton/enclave/*)
+PAL_VERSIONS := 1 2 3
+PAL_LIBS := $(foreach v,$(PAL_VERSIONS),$(BUILD)/liberpal-skeleton-v$(v).so)
+PAL_SRC := $(wildcard skeleton/capi/*.py skeleton/capi/*.c skeleton/capi/*.map)
+PREFIX ?= /usr
+LIBDIR ?= $(PREFIX)/lib
 
-.PHONY: all venv proto image demo test bench clean
+.PHONY: all venv proto image pal install-pal demo test bench clean
 
-all: venv proto image
+all: venv proto image pal
 
 venv: $(VENV)/.installed
 
@@ -47,10 +52,23 @@ $(BUILD)/images/%/encl.ss: $(BUILD)/encl.bin $(BUILD)/dev-key.pem $(STUBS)
 	$(VENV)/bin/sgxsign -s $$(($* * 1024 * 1024)) $(BUILD)/dev-key.pem \
 		$(dir $@)encl.bin $@
 
-demo: venv proto image
+# The PAL libraries rune loads. Each embeds this venv's Python, with the
+# checkout and the venv's site-packages baked in (skeleton/capi/build.py).
+pal: $(PAL_LIBS)
+
+$(BUILD)/liberpal-skeleton-v%.so: $(PAL_SRC) $(VENV)/.installed
+	$(PY) -m skeleton.capi.build --version $* --out $@
+
+# Copies the libraries only: they find Python and the project through the
+# paths baked into them, so this checkout and .venv must stay in place.
+install-pal: pal
+	install -d $(DESTDIR)$(LIBDIR)
+	install -m 0755 $(PAL_LIBS) $(DESTDIR)$(LIBDIR)/
+
+demo: venv proto image pal
 	$(PY) scripts/demo.py --images $(BUILD)/images
 
-test: venv proto image
+test: venv proto image pal
 	$(PY) -m pytest -q
 
 bench: venv proto image

@@ -76,8 +76,11 @@ def _c_string(text):
     return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
-def build(version, out):
-    """Compile the library for PAL API ``version`` to the path ``out``."""
+def build(version, out, path=None):
+    """Compile the library for PAL API ``version`` to the path ``out``.
+
+    ``path`` replaces the baked-in sys.path (tests build a broken library).
+    """
     ffi = cffi.FFI()
     ffi.cdef(CDEF)
     ffi.embedding_init_code(INIT_CODE.format(module=module_name(version),
@@ -85,7 +88,7 @@ def build(version, out):
     libdir = sysconfig.get_config_var("LIBDIR")
     source = (f"#define PAL_VERSION {version}\n"
               f"#define EPM_PYTHON_HOME {_c_string(sys.base_prefix)}\n"
-              f"#define EPM_PYTHON_PATH {_c_string(python_path())}\n"
+              f"#define EPM_PYTHON_PATH {_c_string(path or python_path())}\n"
               + (HERE / "glue.c").read_text())
     ffi.set_source(
         module_name(version), source,

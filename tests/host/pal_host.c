@@ -109,7 +109,7 @@ static void print_threads(void)
         return;
     printf("thread_names=");
     while ((d = readdir(dir)) != NULL) {
-        char path[64], name[32] = "";
+        char path[300], name[32] = "";
         int fd;
         ssize_t n;
         if (d->d_name[0] == '.')
@@ -130,8 +130,8 @@ static void print_threads(void)
 
 static void before_init(void)
 {
-    pal_exec_args exec_args = { 1, NULL };
     int exit_code;
+    pal_exec_args exec_args = { 1, &exit_code };
 
     if (opt.version == 1) {
         printf("before_exec=%d\n", pal.exec_v1("/bin/skeleton", NULL, NULL,
