@@ -11,6 +11,7 @@ cache with its record or debris that ``reconcile`` removes at the next start.
 
 import collections
 import contextlib
+import dataclasses
 import os
 import sqlite3
 import threading
@@ -149,8 +150,8 @@ class BundleCaches:
                 safecopy.remove_tree(placed, own)
             os.rename(staged, own, src_dir_fd=tmp, dst_dir_fd=placed)
             os.fsync(placed)
-            record = Record(**{**record.__dict__, "size": size,
-                               "created": int(time.time())})
+            record = dataclasses.replace(record, size=size,
+                                         created=int(time.time()))
             try:
                 self._records.insert(record)
             except sqlite3.Error:
