@@ -182,3 +182,63 @@ def _block_a_page_of(layout):
             if got not in (None, ctypes.c_void_p(-1).value):
                 _libc.munmap(ctypes.c_void_p(got), mmap.PAGESIZE)
     raise AssertionError("every page of the enclave's range is taken")
+
+
+def test_run_executes_the_workload_in_this_process(images):
+    """API v1: pal_exec runs the workload in place and returns its exit value."""
+    pal = Pal()
+    pal.init("sim no-epm", image_dir=images / "8")
+    read, write = os.pipe()
+    try:
+        assert pal.run("/bin/skeleton", ["skeleton"], stdio=(0, write, write)) == 0
+        os.close(write)
+        assert os.read(read, 256).decode().splitlines()[0] == GREETING
+    finally:
+        os.close(read)
+        pal.destroy()
+
+
+def test_host_enclave_is_used_and_left_to_the_host(images):
+    """API v3 with fd and addr: nothing is built, and destroy keeps the fd."""
+    from skeleton.backends import sim
+    from skeleton.image import load_image
+
+    built = sim.build(load_image(images / "8"))
+    built.unmap()
+    try:
+        pal = Pal()
+        pal.init("sim no-epm", image_dir=images / "8", enclave_fd=built.fd,
+                 enclave_addr=built.base)
+        assert pal.source == "host"
+        assert pal.enclave.base == built.base
+        pal.destroy()
+        os.fstat(built.fd)
+    finally:
+        built.close()
+
+
+def test_local_report_checks_buffer_sizes(images):
+    pal = Pal()
+    pal.init("sim no-epm", image_dir=images / "8")
+    try:
+        with pytest.raises(PalError, match="expected 512") as e:
+            pal.get_local_report(bytes(100), 432)
+        assert e.value.errno == errno.EINVAL
+        with pytest.raises(PalError, match="needs 432"):
+            pal.get_local_report(bytes(512), 431)
+    finally:
+        pal.destroy()
+
+
+def test_stderr_logger_writes_event_and_key_values_on_one_line(capfd):
+    from skeleton import log as pal_log
+
+    try:
+        pal_log.use_stderr(pal_log.level_number("warning"))
+        logger = pal_log.get_logger("test")
+        logger.info("not_shown", a=1)
+        logger.warning("epm_unreachable", error="no socket\nat all", action="building")
+    finally:
+        pal_log.use_structlog()
+    assert capfd.readouterr().err == \
+        "[warning] epm_unreachable error='no socket\\nat all' action=building\n"
