@@ -46,7 +46,8 @@ $(BUILD)/dev-key.pem: $(VENV)/.installed
 	@mkdir -p $(BUILD)
 	$(VENV)/bin/sgxsign --genkey $@
 
-$(BUILD)/images/%/encl.ss: $(BUILD)/encl.bin $(BUILD)/dev-key.pem $(STUBS)
+$(BUILD)/images/%/encl.ss: $(BUILD)/encl.bin $(BUILD)/dev-key.pem $(STUBS) \
+		skeleton/sgxsign.py skeleton/measure.py skeleton/structs.py
 	@mkdir -p $(dir $@)
 	cp $(BUILD)/encl.bin $(dir $@)encl.bin
 	$(VENV)/bin/sgxsign -s $$(($* * 1024 * 1024)) $(BUILD)/dev-key.pem \

@@ -16,6 +16,7 @@ import grpc (about 90 ms per container start) nor start its threads, which a
 forked workload would inherit.
 """
 
+import dataclasses
 import errno
 import os
 import signal
@@ -23,10 +24,12 @@ import time
 
 from epm_client import Client, EpmError, DaemonUnavailable, LayoutEntry
 from skeleton import errors
+from skeleton.backends import get_backend
 from skeleton.enclave import Enclave
-from skeleton.image import load_image
+from skeleton.image import check_host, load_image
 from skeleton.log import get_logger
-from skeleton.structs import PAGE_SIZE
+from skeleton.measure import tcs_as_added
+from skeleton.structs import ATTR_DEBUG, PAGE_SIZE, TCS
 
 log = get_logger("skeleton.pal")
 
@@ -108,7 +111,13 @@ class Pal:
             image = load_image(image_dir or os.getcwd())
         except errors.ImageError as e:
             raise PalError(errno.ENOENT, str(e)) from e
+        host_warnings = _check_host(image)
         identity = image.identity(backend)
+        if "debug" in flags:
+            # A debug launch sets SECS.ATTRIBUTES.DEBUG, which is part of
+            # what the pool matches: debug enclaves never serve others.
+            identity = dataclasses.replace(
+                identity, attributes=identity.attributes | ATTR_DEBUG)
 
         if enclave_fd is not None:
             self.enclave = _host_enclave(image, identity, enclave_fd, enclave_addr)
@@ -118,7 +127,7 @@ class Pal:
                 self._client = Client(values.get("epm-socket"))
                 self.enclave = self._check_out(subtype, identity, image)
             if self.enclave is None:
-                self.enclave = _build(image, backend)
+                self.enclave = _build(image, backend, debug="debug" in flags)
                 self.source = "built"
             else:
                 self.source = "pool"
@@ -126,6 +135,10 @@ class Pal:
                 self._check_in(subtype)
 
         self.init_ms = (time.perf_counter() - started) * 1000
+        # Given once an enclave runs, so that a failed init says one thing.
+        for warning in set(host_warnings) - _host_warnings_given:
+            _host_warnings_given.add(warning)
+            log.warning("image_host_warning", detail=warning)
         log.debug("pal_initialized", source=self.source, backend=backend,
                   size=identity.size, took_ms=round(self.init_ms, 3))
 
@@ -219,8 +232,7 @@ class Pal:
         """EREPORT for ``targetinfo``; returns the REPORT's bytes (API v3).
 
         Raises PalError(EINVAL) when ``targetinfo`` is not a TARGETINFO or
-        ``report_len`` cannot hold a REPORT, and PalError(ENOSYS) when the
-        enclave cannot produce reports.
+        ``report_len`` cannot hold a REPORT.
         """
         enclave = self._require_enclave("pal_get_local_report")
         if len(targetinfo) != TARGETINFO_SIZE:
@@ -229,12 +241,8 @@ class Pal:
         if report_len < REPORT_SIZE:
             raise PalError(errno.EINVAL, f"report buffer is {report_len} bytes, "
                            f"a REPORT needs {REPORT_SIZE}")
-        report = getattr(enclave, "report", None)
-        if report is None:
-            raise PalError(errno.ENOSYS, "this enclave runtime cannot produce "
-                           "reports yet (no EREPORT in skeleton.enclave)")
         try:
-            return bytes(report(bytes(targetinfo), bytes(report_data)))
+            return bytes(enclave.report(bytes(targetinfo), bytes(report_data)))
         except errors.SkeletonError as e:
             raise PalError(errno.EINVAL, str(e)) from e
 
@@ -260,11 +268,26 @@ class Pal:
 
 
 def _adopt(fd, layout, identity, image):
-    """Enclave.adopt, with the image's SIGSTRUCT where adopt takes it."""
+    """Wrap an enclave built elsewhere from ``image``, not yet mapped.
+
+    The SIGSTRUCT lets it produce reports; OENTRY comes from the image
+    because an sgx enclave's TCS page cannot be read.
+    """
+    oentry = TCS.get(tcs_as_added(image.data, image.geometry), "oentry")
+    return Enclave.adopt(fd, layout, identity, sigstruct=image.sigstruct,
+                         oentry=oentry)
+
+
+# Warnings about the image that every launch would repeat are given once.
+_host_warnings_given = set()
+
+
+def _check_host(image):
+    """Refuse an image this host cannot run as signed; return the warnings."""
     try:
-        return Enclave.adopt(fd, layout, identity, sigstruct=image.sigstruct)
-    except TypeError:
-        return Enclave.adopt(fd, layout, identity)
+        return check_host(image)
+    except errors.ImageError as e:
+        raise PalError(errno.EPERM, str(e)) from e
 
 
 def _host_enclave(image, identity, fd, base):
@@ -293,13 +316,11 @@ def _host_enclave(image, identity, fd, base):
     return enclave
 
 
-def _build(image, backend):
-    from skeleton.backends import sim
-    if backend != "sim":
-        raise PalError(errno.ENODEV, "the sgx backend is not built yet; "
-                       "pass the argument 'sim' or set SGX_MODE=SIM")
+def _build(image, backend, debug):
     try:
-        return sim.build(image)
+        return get_backend(backend).build(image, debug=debug)
+    except errors.BackendError as e:
+        raise PalError(errno.ENODEV, str(e)) from e
     except errors.EinitError as e:
         raise PalError(errno.EPERM, str(e)) from e
     except errors.SkeletonError as e:

@@ -95,6 +95,14 @@ def make_daemon(tmp_path):
         d.stop()
 
 
+@pytest.fixture(scope="session", autouse=True)
+def sim_secret_dir(tmp_path_factory):
+    """Keep the sim backend's report secret (and every child's) out of /var/lib."""
+    directory = tmp_path_factory.mktemp("sim-secret")
+    os.environ["EPM_SIM_SECRET_DIR"] = str(directory)
+    return directory
+
+
 @pytest.fixture(scope="session")
 def images():
     """Directory of signed images, one subdirectory per size in MiB."""

@@ -18,7 +18,6 @@ from skeleton import log as pal_log
 from skeleton.pal import Pal, PalError, entry_address
 
 # Modules the launch path imports lazily, loaded now while they are visible.
-# skeleton.report and skeleton.backends.sgx may not exist yet.
 _LAUNCH_MODULES = ("skeleton.backends.sim", "skeleton.report",
                    "skeleton.backends.sgx")
 _DEBUG = pal_log.LEVELS["debug"]
@@ -130,10 +129,17 @@ def _spawn(lib, enclave, wait_s, stdio):
 
 def _preload():
     import importlib
-    import importlib.util
     for name in _LAUNCH_MODULES:
-        if importlib.util.find_spec(name) is not None:
-            importlib.import_module(name)
+        importlib.import_module(name)
+    # The sim backend's host facts, read while the host's files are visible:
+    # XCR0 for ECREATE's check and the secret that keys local reports. Both
+    # are cached; a failure here shows again, with its reason, when used.
+    from skeleton import cpu, report
+    try:
+        cpu.xcr0()
+        report.load_secret()
+    except Exception as e:
+        log.debug("pal_preload_incomplete", error=str(e))
 
 
 def _configure_logging(level_name, at_load=False):
