@@ -18,6 +18,7 @@ from google.protobuf.message import DecodeError
 from epm_api import framing
 from epm_api import handoff_pb2
 from epm_server import fdcheck
+from epm_server.delivery import Delivery, wait_delivery
 from epm_server.enclave import (
     enclave_proto, identity_from_proto, layout_from_proto, subtype_from_request)
 from epm_server.errors import EpmError, InvalidArgument, PermissionDenied
@@ -261,6 +262,16 @@ class HandoffServer:
             else:
                 self._pool.release(entry.id)
             return False
+        # Queued is not received: a client that dies before reading leaves
+        # the fd for the kernel to close, and the enclave is still ours.
+        outcome = wait_delivery(conn, time.monotonic() + self._timeout)
+        if outcome is Delivery.DISCARDED:
+            self._pool.release(entry.id)
+            log.info("enclave_returned", id=entry.id, reason="client closed unread")
+            return False
         self._pool.hand_out(entry.id)
+        if outcome is Delivery.UNKNOWN:
+            log.info("enclave_delivery_unconfirmed", id=entry.id)
+            return False
         log.debug("enclave_checked_out", id=entry.id, subtype=subtype)
         return True

@@ -19,6 +19,7 @@ import structlog
 
 from epm_api import v1alpha1_pb2 as pb
 from epm_server import fdcheck
+from epm_server.delivery import Delivery, wait_delivery
 from epm_server.enclave import (
     identity_from_proto, layout_from_proto, subtype_from_request)
 from epm_server.errors import (
@@ -121,14 +122,16 @@ class LegacyHandoff:
                 return None
             path = os.path.join(self._dir, cache_id)
             try:
-                self._send_fd(path, entry.fd, wait)
+                sock = self._send_fd(path, entry.fd, wait)
             except (OSError, EpmError) as e:
                 self._pool.release(entry.id)
                 reason = (e.strerror if isinstance(e, OSError) and e.strerror
                           else str(e))
                 log.info("legacy_send_failed", id=cache_id, reason=reason)
                 raise Unavailable(f"hand-off to {path} failed: {reason}") from None
-            self._pool.hand_out(entry.id)
+            # The client may accept only after this call answers: the entry
+            # stays leased until a thread sees the fd read or dropped.
+            self._confirm_later(entry, sock)
             return entry
         finally:
             self._unclaim(cache_id)
@@ -220,7 +223,9 @@ class LegacyHandoff:
         return fds[0]
 
     def _send_fd(self, path, fd, wait):
-        with self._connect(path, wait) as sock:
+        """Connect to ``path`` and queue ``fd``; return the connected socket."""
+        sock = self._connect(path, wait)
+        try:
             peer = peer_of(sock)
             if peer.pid == os.getpid():
                 raise PermissionDenied(f"the listener on {path} is the daemon")
@@ -229,6 +234,52 @@ class LegacyHandoff:
             fds = array.array("i", [fd])
             sock.sendmsg([b"\0"], [(socket.SOL_SOCKET, socket.SCM_RIGHTS,
                                     fds.tobytes())])
+        except BaseException:
+            sock.close()
+            raise
+        return sock
+
+    def _confirm_later(self, entry, sock):
+        thread = threading.Thread(target=self._confirm, args=(entry, sock),
+                                  name=f"legacy-out-{entry.id}", daemon=True)
+        with self._lock:
+            self._waiters.add(thread)
+        try:
+            thread.start()
+        except BaseException:
+            with self._lock:
+                self._waiters.discard(thread)
+            self._confirm(entry, sock, stopping=True)
+            raise
+
+    def _confirm(self, entry, sock, stopping=False):
+        """Hand the entry out once its fd was read; release it if dropped.
+
+        A client that neither reads nor closes within the accept timeout may
+        still accept later, so the enclave counts as handed out then.
+        """
+        try:
+            deadline = time.monotonic() + self._accept_timeout
+            while True:
+                now = time.monotonic()
+                outcome = wait_delivery(sock, min(deadline, now + _POLL))
+                if (outcome is not Delivery.UNKNOWN or now >= deadline
+                        or stopping or self._stopping.is_set()):
+                    break
+            if outcome is Delivery.DISCARDED:
+                self._pool.release(entry.id)
+                log.info("enclave_returned", id=entry.id,
+                         reason="legacy client never took the fd")
+            else:
+                self._pool.hand_out(entry.id)
+                if outcome is Delivery.UNKNOWN:
+                    log.info("enclave_delivery_unconfirmed", id=entry.id)
+        except (EpmError, OSError) as e:
+            log.warning("legacy_confirm_failed", id=entry.id, reason=str(e))
+        finally:
+            sock.close()
+            with self._lock:
+                self._waiters.discard(threading.current_thread())
 
     def _connect(self, path, wait):
         # The client may start listening just after its GetCache call.
