@@ -33,6 +33,8 @@ _INVALID_ARGUMENT = InvalidArgument.code
 _RESOURCE_EXHAUSTED = 8
 # A refusal is written to a peer we are about to drop: do not wait long.
 _REFUSAL_TIMEOUT = 0.5
+# Seconds to wait before accepting again after accept() failed (EMFILE).
+_ACCEPT_BACKOFF = 0.1
 
 
 class HandoffServer:
@@ -52,6 +54,7 @@ class HandoffServer:
         self._connections = {}  # socket -> thread
         self._listener = None
         self._acceptor = None
+        self._stopping = threading.Event()
 
     def start(self):
         """Listen on the socket path and start accepting. Raises OSError."""
@@ -68,6 +71,7 @@ class HandoffServer:
         """
         if self._listener is None:
             return
+        self._stopping.set()
         unlink_socket(self.path)
         # shutdown() wakes a thread blocked in accept(); close() alone does not.
         try:
@@ -91,8 +95,14 @@ class HandoffServer:
         while True:
             try:
                 conn, _ = self._listener.accept()
-            except OSError:
-                return  # the listener was shut down by stop()
+            except OSError as e:
+                if self._stopping.is_set():
+                    return  # the listener was shut down by stop()
+                # Out of descriptors or memory: the connection waits in the
+                # backlog; accepting must go on once some are freed.
+                log.warning("handoff_accept_failed", reason=str(e))
+                self._stopping.wait(_ACCEPT_BACKOFF)
+                continue
             try:
                 self._admit(conn)
             except Exception:

@@ -7,6 +7,7 @@ finish, pooled fds are closed and both sockets removed.
 
 import argparse
 import os
+import resource
 import signal
 import socket
 import sqlite3
@@ -33,6 +34,12 @@ logger = structlog.get_logger("epm")
 
 # How long in-flight gRPC calls may run on after SIGTERM.
 _GRACE = 5.0
+# Descriptors kept for everything but pooled enclaves: hand-off and gRPC
+# connections, legacy hand-offs in flight, the database, pidfds, logs.
+FD_RESERVE = 128
+# The runtime directory admits root and the configured group, nobody else;
+# sticky, so that a client cannot remove another's legacy socket.
+RUNTIME_DIR_MODE = 0o1770
 
 
 class StartupError(Exception):
@@ -64,11 +71,11 @@ def run(cfg):
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: stop.set())
     for path in (cfg.grpc_address, cfg.handoff_path):
-        _prepare_socket_path(path)
+        _prepare_socket_path(path, cfg.uid, cfg.gid)
     records = _open_records(cfg)
     bundles = BundleCaches(cfg.root, records, AllowedRoots(
         cfg.allowed_roots, private=(cfg.root, cfg.db_path)))
-    pool = Pool(cfg.max_total, cfg.max_per_identity)
+    pool = Pool(_pool_capacity(cfg), cfg.max_per_identity)
     policy = PeerPolicy(cfg.allowed_uids, cfg.allowed_gids, cfg.gid)
     legacy = LegacyHandoff(pool, cfg.socket_dir, policy,
                            accept_timeout=cfg.legacy_accept_timeout,
@@ -116,9 +123,61 @@ def _open_records(cfg):
     return records
 
 
-def _prepare_socket_path(path):
+def _pool_capacity(cfg):
+    """Raise RLIMIT_NOFILE as far as allowed; return the pool's total limit.
+
+    Every pooled enclave is an open fd, so the limit bounds the pool.
+    """
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY:
+        hard = _NR_OPEN_FALLBACK
+    if soft != resource.RLIM_INFINITY and soft < hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            soft = hard
+        except (ValueError, OSError) as e:
+            logger.warning("nofile_not_raised", soft=soft, hard=hard, reason=str(e))
+    nofile = hard if soft == resource.RLIM_INFINITY else soft
+    capacity = min(cfg.max_total, max(nofile - FD_RESERVE, 1))
+    if capacity < cfg.max_total:
+        logger.warning("pool_capacity_limited_by_nofile", nofile=nofile,
+                       configured=cfg.max_total, max_total=capacity)
+    logger.info("epm_capacity", nofile=nofile, max_total=capacity,
+                max_per_identity=min(cfg.max_per_identity, capacity))
+    return capacity
+
+
+# RLIMIT_NOFILE can be unlimited only in name: the kernel caps it at
+# fs.nr_open, whose default is this.
+_NR_OPEN_FALLBACK = 1048576
+
+
+def _prepare_runtime_dir(directory, uid, gid):
+    """Create the socket directory for root and ``gid`` only.
+
+    A directory that exists is the operator's: it is left as it is, with a
+    warning when anybody may enter it.
+    """
+    try:
+        os.mkdir(directory, 0o700)
+    except FileExistsError:
+        mode = os.stat(directory).st_mode
+        if mode & 0o007:
+            logger.warning("runtime_dir_open_to_all", path=directory,
+                           mode=oct(mode & 0o7777))
+        return
+    except FileNotFoundError:
+        os.makedirs(os.path.dirname(directory), mode=0o755, exist_ok=True)
+        return _prepare_runtime_dir(directory, uid, gid)
+    # Owner first, then the mode: until both are set only root may enter.
+    if uid is not None or gid is not None:
+        os.chown(directory, -1 if uid is None else uid, -1 if gid is None else gid)
+    os.chmod(directory, RUNTIME_DIR_MODE)
+
+
+def _prepare_socket_path(path, uid=None, gid=None):
     directory = os.path.dirname(path) or "."
-    os.makedirs(directory, mode=0o755, exist_ok=True)
+    _prepare_runtime_dir(directory, uid, gid)
     if is_served(path):
         raise StartupError(f"another daemon is serving {path}")
     # A socket left by a daemon that died: ours to replace.

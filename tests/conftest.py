@@ -1,5 +1,6 @@
 """Fixtures shared by the tests: a live daemon in a temporary directory."""
 
+import json
 import os
 import pathlib
 import signal
@@ -30,13 +31,17 @@ class Daemon:
         self.log = tmp_path / "epm.log"
         self.proc = None
 
-    def start(self, timeout=30):
-        """Start the daemon and wait until both sockets accept."""
+    def start(self, timeout=30, preexec_fn=None):
+        """Start the daemon and wait until both sockets accept.
+
+        ``preexec_fn`` runs in the child before the daemon (to set limits).
+        """
         self._log_file = open(self.log, "ab")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "epm_server.main", "--config", str(self.config),
              "--log-level", "debug"],
-            stdout=self._log_file, stderr=subprocess.STDOUT, cwd=REPO)
+            stdout=self._log_file, stderr=subprocess.STDOUT, cwd=REPO,
+            preexec_fn=preexec_fn)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
@@ -63,6 +68,16 @@ class Daemon:
         self._log_file.close()
         return self.proc.returncode
 
+    def events(self, name):
+        """The daemon's JSON log records of event ``name``, in order."""
+        found = []
+        for line in self.log.read_text().splitlines():
+            if f'"{name}"' in line:
+                record = json.loads(line)
+                if record.get("event") == name:
+                    found.append(record)
+        return found
+
     def open_fds(self):
         """The number of descriptors the daemon has open now."""
         return len(os.listdir(f"/proc/{self.proc.pid}/fd"))
@@ -83,12 +98,12 @@ def make_daemon(tmp_path):
     """A factory for daemons with extra config text; all stopped afterwards."""
     started = []
 
-    def make(extra_config="", subdir="d"):
+    def make(extra_config="", subdir="d", preexec_fn=None):
         path = tmp_path / f"{subdir}{len(started)}"
         path.mkdir()
         d = Daemon(path, extra_config)
         started.append(d)
-        return d.start()
+        return d.start(preexec_fn=preexec_fn)
 
     yield make
     for d in started:

@@ -28,10 +28,10 @@ def test_signal_stops_cleanly_and_removes_sockets(make_daemon, sig):
     assert '"epm_started"' in log and '"epm_stopped"' in log
 
 
-def test_sockets_are_mode_0660_in_a_0755_directory(daemon):
+def test_sockets_are_mode_0660_in_a_1770_directory(daemon):
     assert daemon.grpc_socket.stat().st_mode & 0o777 == 0o660
     assert daemon.handoff_socket.stat().st_mode & 0o777 == 0o660
-    assert daemon.run_dir.stat().st_mode & 0o777 == 0o755
+    assert daemon.run_dir.stat().st_mode & 0o7777 == 0o1770
 
 
 def test_stale_socket_file_is_replaced(tmp_path):
