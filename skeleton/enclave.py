@@ -13,7 +13,8 @@ import random
 import cffi
 
 from skeleton.errors import BackendError, MappingConflict, SkeletonError
-from skeleton.structs import PAGE_SIZE, TCS
+from skeleton.structs import (ENTRY_RECORD, ENTRY_RECORD_MAGIC, ENTRY_RECORD_OFFSET,
+                              PAGE_SIZE, TCS)
 
 ffi = cffi.FFI()
 ffi.cdef("""
@@ -32,6 +33,13 @@ _MAP_FAILED = ffi.cast("void *", -1)
 # ECALL 0 writes the NUL-terminated greeting; this is ample room for it.
 GREETING_BUFFER = 256
 ECALL_INIT = 0
+ECALL_REPORT = 1
+# ECALL 1's buffer (struct report_call in encl.c): TARGETINFO and report data
+# in, the REPORT written after them.
+REPORT_CALL_TARGETINFO = 0
+REPORT_CALL_REPORT_DATA = 512
+REPORT_CALL_REPORT = 576
+REPORT_CALL_SIZE = 576 + 432
 
 
 def _mmap(addr, size, prot, flags, fd=-1, offset=0):
@@ -93,8 +101,11 @@ def reserve_aligned(size):
 class Enclave:
     """An initialized enclave: an fd plus the layout it must be mapped at.
 
-    ``oentry`` is the entry point as an offset from ``base``, read from the TCS
-    page (the first layout entry) once mapped; it is None while unmapped.
+    ``oentry`` is the entry point EENTER runs (the stub in entry.S) and
+    ``body`` the C body the stub calls, both as offsets from ``base``. In sim
+    they are read from the mapped TCS page and the entry record after it, and
+    the body is what runs: sim cannot execute the stub's ENCLU. Both are None
+    while unmapped (``body`` also when the image has no entry record).
     """
 
     def __init__(self, fd, layout, identity, *, base=None, reservation=None,
@@ -108,6 +119,7 @@ class Enclave:
         self.backend = identity.backend
         self.base = _base_of(self.layout, identity.size) if base is None else base
         self.oentry = None
+        self.body = None
         self._mapped = []
         # Address space this process reserved for the enclave, which map() may
         # replace and unmap() gives back.
@@ -149,9 +161,14 @@ class Enclave:
             self._release_entries()
             raise
         # The sim TCS page is ordinary memory. On hardware a TCS cannot be read,
-        # so the sgx backend will have to take OENTRY from the image instead.
-        tcs = ffi.buffer(ffi.cast("char *", self.layout[0].addr), PAGE_SIZE)
+        # so the sgx backend takes OENTRY from the image instead.
+        start = self.layout[0].addr
+        tcs = ffi.buffer(ffi.cast("char *", start), PAGE_SIZE)
         self.oentry = TCS.get(tcs, "oentry")
+        record = ENTRY_RECORD.unpack(ffi.buffer(
+            ffi.cast("char *", start + ENTRY_RECORD_OFFSET), ENTRY_RECORD.size)[:])
+        if record.magic == ENTRY_RECORD_MAGIC:
+            self.body = start - self.base + record.body
 
     def _map_entry(self, entry):
         reserved_addr, reserved_size = self._reservation or (0, 0)
@@ -178,33 +195,51 @@ class Enclave:
         while self._mapped:
             release(*self._mapped.pop())
 
-    def ecall(self, op):
-        """Call the enclave's entry function; ECALL 0 returns the greeting.
+    def body_address(self):
+        """The address of the enclave's C body, ``void body(uint64_t op, void *buf)``.
 
-        Raises BackendError when this backend cannot run enclave code here and
-        SkeletonError for an unmapped enclave or an unknown ECALL.
+        This is how sim runs enclave code: a plain call, where hardware would
+        EENTER at OENTRY. Raises BackendError on a backend whose code cannot be
+        called directly, SkeletonError when the enclave is unmapped or its
+        image has no entry record or a body outside its executable memory.
         """
-        if op != ECALL_INIT:
-            raise SkeletonError(f"ECALL {op} is not implemented")
         if self.backend != "sim":
-            raise BackendError(f"ECALL on the {self.backend} backend needs EENTER, "
-                               "which is not implemented")
+            raise BackendError(f"an enclave on the {self.backend} backend is "
+                               "entered with EENTER, not called")
         if not self._mapped:
             raise SkeletonError("ECALL on an enclave that is not mapped")
-        entry = self.base + self.oentry
-        if not any(e.execute and e.addr <= entry < e.addr + e.size
+        if self.body is None:
+            raise SkeletonError("the enclave's image has no entry record (built "
+                                "before the entry stub): rebuild it with `make "
+                                "image`")
+        address = self.base + self.body
+        if not any(e.execute and e.addr <= address < e.addr + e.size
                    for e in self.layout):
-            raise SkeletonError(f"enclave entry {entry:#x} is not in executable memory")
+            raise SkeletonError(f"enclave body {address:#x} is not in executable "
+                                "memory")
+        return address
+
+    def ecall(self, op):
+        """Run an ECALL in the enclave; ECALL 0 returns the greeting.
+
+        In sim only ECALL 0 runs enclave code; ECALL 1 needs EREPORT, which
+        only hardware has, so sim's reports come from ``report()`` in Python.
+        Raises SkeletonError for an unmapped enclave or an unknown ECALL.
+        """
+        if op != ECALL_INIT:
+            raise SkeletonError(f"ECALL {op} cannot be called here: ECALL 0 is "
+                                "the greeting, reports come from report()")
         buf = ffi.new("char[]", GREETING_BUFFER)
-        ffi.cast("void (*)(uint64_t, void *)", entry)(op, buf)
+        ffi.cast("void (*)(uint64_t, void *)", self.body_address())(op, buf)
         return ffi.string(buf, GREETING_BUFFER).decode()
 
     def report(self, targetinfo, report_data):
         """EREPORT: the 432-byte REPORT of this enclave for a target enclave.
 
-        ``targetinfo`` is a 512-byte TARGETINFO, ``report_data`` 64 bytes. In
-        sim the backend plays the CPU (``skeleton.report``), with the secret
-        from $EPM_SIM_SECRET_DIR. Raises ReportError for bad sizes, an unknown
+        ``targetinfo`` is a 512-byte TARGETINFO, ``report_data`` 64 bytes. Sim
+        has no EREPORT, so it does not run the enclave's ECALL 1: Python plays
+        the CPU (``skeleton.report``), with the secret from
+        $EPM_SIM_SECRET_DIR. Raises ReportError for bad sizes, an unknown
         SIGSTRUCT or an unreadable secret.
         """
         from skeleton import report
@@ -227,7 +262,7 @@ class Enclave:
         if self._reservation:
             release(*self._reservation)
             self._reservation = None
-        self.oentry = None
+        self.oentry = self.body = None
 
     def close(self):
         """Unmap if mapped and close the fd; safe to call more than once."""

@@ -7,7 +7,8 @@ import pathlib
 from epm_client.types import Identity
 from skeleton.errors import ImageError
 from skeleton.measure import Geometry, round_up
-from skeleton.structs import (METADATA, PAGE_SIZE, SIGSTRUCT, SIGSTRUCT_HEADER,
+from skeleton.structs import (ENTRY_RECORD, ENTRY_RECORD_MAGIC, ENTRY_RECORD_OFFSET,
+                              METADATA, PAGE_SIZE, SIGSTRUCT, SIGSTRUCT_HEADER,
                               SIGSTRUCT_HEADER2, TCS)
 
 MMAP_MIN_ADDR_PATH = "/proc/sys/vm/mmap_min_addr"
@@ -42,6 +43,15 @@ class EnclaveImage:
     @property
     def ssa_frame_pages(self):
         return self.geometry.ssa_frame_pages
+
+    @property
+    def body(self):
+        """The C body's offset from the image start, from the entry record.
+
+        Hardware enters at the TCS's OENTRY (the entry stub); the sim backend
+        calls this instead, because it cannot run the stub's ENCLU.
+        """
+        return entry_record(self.data).body
 
     @property
     def mrsigner(self):
@@ -95,8 +105,29 @@ def load_image(directory):
     oentry = TCS.get(data, "oentry")
     if not PAGE_SIZE <= oentry < len(data):
         raise ImageError(f"{image_path}: TCS OENTRY {oentry:#x} is outside the image")
+    try:
+        entry_record(data)
+    except ImageError as e:
+        raise ImageError(f"{image_path}: {e}") from None
     return EnclaveImage(data=data, metadata=metadata, sigstruct=sigstruct,
                         sigstruct_bytes=raw, geometry=geometry)
+
+
+def entry_record(data):
+    """The entry record of the image ``data``.
+
+    Returns the structs.ENTRY_RECORD record; raises ImageError when it is
+    missing or names a body outside the code pages.
+    """
+    at = ENTRY_RECORD_OFFSET
+    record = ENTRY_RECORD.unpack(bytes(data[at:at + ENTRY_RECORD.size]))
+    if record.magic != ENTRY_RECORD_MAGIC:
+        raise ImageError("no entry record after the TCS page: an image from "
+                         "before the entry stub? rebuild it with `make image`")
+    if not PAGE_SIZE <= record.body < len(data):
+        raise ImageError(f"the entry record's body {record.body:#x} is outside "
+                         "the image")
+    return record
 
 
 def host_mmap_min_addr(path=MMAP_MIN_ADDR_PATH):

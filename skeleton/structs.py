@@ -89,6 +89,14 @@ TCS = Layout("Tcs", PAGE_SIZE, [
     ("ogsbase", 56, "Q"), ("fslimit", 64, "I"), ("gslimit", 68, "I"),
 ])
 
+# The skeleton's entry record (skeleton/enclave/encl.c), at the start of the page
+# after the TCS: a magic and the offset of the C body from the image start. The
+# sim backend calls the body through it, because it cannot run the ENCLU
+# instructions of the entry stub at OENTRY.
+ENTRY_RECORD = Layout("EntryRecord", 16, [("magic", 0, "8s"), ("body", 8, "Q")])
+ENTRY_RECORD_OFFSET = PAGE_SIZE
+ENTRY_RECORD_MAGIC = b"EPMBODY\0"
+
 # SDM 34.11: security information of an added page.
 SECINFO = Layout("Secinfo", 64, [("flags", 0, "Q")])
 

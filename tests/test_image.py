@@ -87,6 +87,33 @@ def test_bad_metadata_is_named(copy):
         load_image(copy)
 
 
+def test_image_exposes_the_body_from_its_entry_record(signed):
+    """OENTRY is the entry stub; the entry record after the TCS names the C body."""
+    image = load_image(signed)
+    data = image.data
+
+    assert data[PAGE:PAGE + 8] == b"EPMBODY\0"
+    assert image.body == int.from_bytes(data[PAGE + 8:PAGE + 16], "little")
+    oentry = int.from_bytes(data[32:40], "little")
+    assert PAGE < oentry < image.body < len(data)
+
+
+def test_a_missing_entry_record_is_named(copy):
+    data = bytearray((copy / "encl.bin").read_bytes())
+    data[PAGE:PAGE + 8] = bytes(8)
+    (copy / "encl.bin").write_bytes(data)
+    with pytest.raises(ImageError, match="encl.bin: no entry record .*make image"):
+        load_image(copy)
+
+
+def test_a_body_outside_the_image_is_named(copy):
+    data = bytearray((copy / "encl.bin").read_bytes())
+    data[PAGE + 8:PAGE + 16] = (1 << 40).to_bytes(8, "little")
+    (copy / "encl.bin").write_bytes(data)
+    with pytest.raises(ImageError, match="body 0x10000000000 is outside the image"):
+        load_image(copy)
+
+
 def test_an_entry_outside_the_image_is_named(copy):
     data = bytearray((copy / "encl.bin").read_bytes())
     data[32:40] = (1 << 40).to_bytes(8, "little")

@@ -238,3 +238,69 @@ def test_get_backend_refuses_sgx_without_the_device():
         pytest.skip("this host has an SGX device")
     with pytest.raises(BackendError, match="not found on this host"):
         get_backend("sgx")
+
+
+class RecordingVdso:
+    """Stands in for __vdso_sgx_enter_enclave: records each EENTER and plays
+    the enclave's stub (ECALL 0 writes the greeting, ECALL 1 a REPORT)."""
+
+    def __init__(self, exit_leaf=sgx.ENCLU_EEXIT):
+        self.calls = []
+        self.exit_leaf = exit_leaf
+
+    def __call__(self, rdi, rsi, rdx, leaf, r8, r9, run):
+        self.calls.append((rdi, rsi, rdx, leaf, r8, r9, run.tcs))
+        buf = sgx.ffi.cast("char *", rsi)
+        if rdi == 0:
+            sgx.ffi.memmove(buf, b"Hello Inclavare Containers!\0", 28)
+        elif rdi == 1:
+            call = bytes(sgx.ffi.buffer(buf, 576))
+            sgx.ffi.memmove(buf + 576, call[512:] + call[:368], 432)
+        run.function = self.exit_leaf
+        return 0
+
+
+@pytest.fixture
+def entered(signed, monkeypatch):
+    """An sgx enclave built on the recording device, entered through a
+    recording vDSO function."""
+    vdso = RecordingVdso()
+    monkeypatch.setattr(sgx, "vdso_enter_enclave", lambda: vdso)
+    enclave = sgx.build(load_image(signed), driver=RecordingDevice(),
+                        device="/dev/sgx_enclave")
+    yield enclave, vdso
+    enclave.close()
+
+
+def test_ecall_0_eenters_the_tcs_with_the_ecall_number_in_rdi(entered):
+    enclave, vdso = entered
+
+    assert enclave.ecall(0) == "Hello Inclavare Containers!"
+
+    (rdi, rsi, rdx, leaf, r8, r9, tcs), = vdso.calls
+    assert (rdi, rdx, leaf, r8, r9) == (0, 0, sgx.ENCLU_EENTER, 0, 0)
+    assert tcs == enclave.layout[0].addr and rsi != 0
+
+
+def test_ecall_1_passes_targetinfo_and_data_in_and_reads_the_report_after(entered):
+    enclave, vdso = entered
+    targetinfo, report_data = bytes(range(256)) * 2, bytes(range(64, 128))
+
+    report = enclave.report(targetinfo, report_data)
+
+    assert [call[0] for call in vdso.calls] == [1]
+    assert report == report_data + targetinfo[:368]
+
+
+def test_an_ecall_that_does_not_leave_by_eexit_is_an_error(entered):
+    enclave, vdso = entered
+    vdso.exit_leaf = 0  # what the vDSO reports for an exception in the enclave
+
+    with pytest.raises(BackendError, match="ECALL 0 did not return by EEXIT"):
+        enclave.ecall(0)
+
+
+def test_sgx_enclave_has_no_directly_callable_body(entered):
+    enclave, _ = entered
+    with pytest.raises(BackendError, match="entered with EENTER"):
+        enclave.body_address()

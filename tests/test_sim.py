@@ -10,7 +10,7 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from skeleton import build_image, cpu, sgxsign
 from skeleton import image as image_module
 from skeleton.backends import SGX_DEVICE, get_backend, sim
-from skeleton.errors import BackendError, EinitError
+from skeleton.errors import BackendError, EinitError, SkeletonError
 from skeleton.image import load_image
 from skeleton.structs import TCS
 
@@ -51,6 +51,22 @@ def test_ecall_0_returns_the_greeting(signed):
         assert enclave.ecall(0) == GREETING
 
 
+def test_sim_calls_the_body_named_by_the_entry_record(signed):
+    """Sim cannot run the stub at OENTRY (its ENCLU needs hardware): it calls the
+    C body, whose address comes from the entry record in the mapped image."""
+    image = load_image(signed)
+    with sim.build(image) as enclave:
+        assert enclave.body == image.body
+        assert enclave.body_address() == enclave.base + image.body
+        assert enclave.body != enclave.oentry
+
+
+def test_sim_refuses_ecall_1_and_reports_from_python(signed):
+    with sim.build(load_image(signed)) as enclave:
+        with pytest.raises(SkeletonError, match="reports come from report"):
+            enclave.ecall(1)
+
+
 def test_sim_build_passes_einit_with_sgxsign_measurement(signed):
     """EINIT compares the measured MRENCLAVE with the one sgxsign signed."""
     image = load_image(signed)
@@ -89,7 +105,7 @@ def test_layout_is_tcs_page_then_the_rest(signed):
 
 
 def test_einit_refuses_a_tampered_image(copy):
-    _patch(copy / "encl.bin", PAGE + 5, b"\xcc")
+    _patch(copy / "encl.bin", PAGE + 0x25, b"\xcc")  # code, after the entry record
     before = _open_fds()
     with pytest.raises(EinitError, match="MRENCLAVE mismatch"):
         sim.build(load_image(copy))

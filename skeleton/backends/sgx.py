@@ -19,7 +19,9 @@ import struct
 import cffi
 
 from epm_client.types import LayoutEntry
-from skeleton.enclave import Enclave, release
+from skeleton.enclave import (ECALL_INIT, ECALL_REPORT, GREETING_BUFFER,
+                              REPORT_CALL_REPORT, REPORT_CALL_REPORT_DATA,
+                              REPORT_CALL_SIZE, Enclave, release)
 from skeleton.errors import BackendError, EinitError, SkeletonError
 from skeleton.measure import tcs_as_added
 from skeleton.structs import PAGE_SIZE, PT_TCS, REG_RWX, SECS, SECINFO, TCS
@@ -300,7 +302,16 @@ class SgxEnclave(Enclave):
         self.oentry = self._image_oentry
 
     def _enter(self, op, buf):
-        """EENTER the enclave's TCS with RDI=op, RSI=buf, through the vDSO."""
+        """EENTER the enclave's TCS through the vDSO, for the entry stub.
+
+        ``__vdso_sgx_enter_enclave(rdi, rsi, rdx, leaf, r8, r9, run)`` passes
+        RDI, RSI, RDX, R8 and R9 to the enclave as they are; the stub at
+        OENTRY (skeleton/enclave/entry.S) takes RDI = the ECALL number and
+        RSI = the buffer, runs the body on its own stack, and leaves with
+        EEXIT, which the vDSO records as ``run.function``. Raises BackendError
+        when the enclave left any other way (an exception: no handler is
+        installed, so the vDSO returns with its vector).
+        """
         if not self._mapped:
             raise SkeletonError("ECALL on an enclave that is not mapped")
         run = ffi.new("struct sgx_enclave_run *", {"tcs": self.layout[0].addr})
@@ -313,22 +324,30 @@ class SgxEnclave(Enclave):
 
     def ecall(self, op):
         """ECALL 0: the greeting, from inside the enclave."""
-        if op != 0:
-            raise SkeletonError(f"ECALL {op} is not implemented; use report()")
-        buf = ffi.new("char[]", 256)
+        if op != ECALL_INIT:
+            raise SkeletonError(f"ECALL {op} cannot be called here: ECALL 0 is "
+                                "the greeting, reports come from report()")
+        buf = ffi.new("char[]", GREETING_BUFFER)
         self._enter(op, buf)
-        return ffi.string(buf, 256).decode()
+        return ffi.string(buf, GREETING_BUFFER).decode()
 
     def report(self, targetinfo, report_data):
-        """ECALL 1: EREPORT inside the enclave for a TARGETINFO and report data."""
+        """ECALL 1: EREPORT inside the enclave for a TARGETINFO and report data.
+
+        Returns the 432-byte REPORT, MACed by the CPU for the target; raises
+        ReportError for bad sizes and BackendError when the ECALL fails.
+        """
         from skeleton import report
         report.check_sizes(targetinfo, report_data)
-        # The enclave reads TARGETINFO and report data from here and writes
-        # the REPORT after them (skeleton/enclave/encl.c, struct report_call).
-        buf = ffi.new("char[]", 512 + 64 + 432)
-        ffi.memmove(buf, bytes(targetinfo) + bytes(report_data), 576)
-        self._enter(1, buf)
-        return bytes(ffi.buffer(buf + 576, 432))
+        # struct report_call in encl.c: the enclave copies TARGETINFO and the
+        # report data in, runs EREPORT on its own aligned copies, and writes
+        # the REPORT after them.
+        buf = ffi.new("char[]", REPORT_CALL_SIZE)
+        ffi.memmove(buf, bytes(targetinfo) + bytes(report_data),
+                    REPORT_CALL_REPORT_DATA + len(report_data))
+        self._enter(ECALL_REPORT, buf)
+        return bytes(ffi.buffer(buf + REPORT_CALL_REPORT,
+                                REPORT_CALL_SIZE - REPORT_CALL_REPORT))
 
 
 _vdso_function = None
