@@ -1,29 +1,37 @@
-"""make bench: measure epm's launch, hand-off and pool figures.
+"""make bench: measure epm's launch, hand-off and pool figures (issue 7).
 
-Writes benchmarks/results.json and prints a table. Each figure is the median
-of several runs (p99 where it applies). Every daemon runs in a temporary
-directory and is stopped by its pid.
+Writes benchmarks/results.json and benchmarks/results.md (the table printed
+at the end: each figure beside its target and the published reference).
+Each figure is the median of several runs, with p99 where it applies. Every
+daemon runs in a temporary directory, logs at its default level (info) and
+is stopped by its pid.
 """
 
 import argparse
+import array
 import fcntl
 import hashlib
 import json
 import multiprocessing
 import os
 import pathlib
+import socket
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
+import uuid
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO / "tests"))
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "benchmarks"))
 
 import structlog  # noqa: E402
 
-from conftest import Daemon  # noqa: E402
+from daemon import Daemon  # noqa: E402
 from epm_client import Client, Identity, LayoutEntry  # noqa: E402
+from report import print_table, write_markdown  # noqa: E402
 from skeleton.backends import sim  # noqa: E402
 from skeleton.enclave import Enclave  # noqa: E402
 from skeleton.image import load_image  # noqa: E402
@@ -31,6 +39,9 @@ from skeleton.pal import Pal  # noqa: E402
 
 SIZES = (8, 32, 64, 80)
 SUBTYPE = "bench-1.0"
+LEGACY_SUBTYPE = "bench-legacy-1.0"
+LIBRARY = REPO / "build" / "liberpal-skeleton-v3.so"
+COLD_SOURCE = REPO / "benchmarks" / "cold_launch.c"
 SMALL = 1 << 16  # enclave size of the synthetic enclaves in pool figures
 
 
@@ -60,11 +71,14 @@ def small_memfd():
     return fd
 
 
-def launches(images, daemon, runs):
-    """pal_init through pal_destroy, built (no-epm) and from the pool."""
-    built, pooled = {}, {}
+def launches(images, daemon, runs, sizes=SIZES):
+    """pal_init through pal_destroy, built (no-epm) and from the pool.
+
+    Returns ``(built, pooled, pooled_p99)``, each keyed by size in MiB.
+    """
+    built, pooled, pooled_p99 = {}, {}, {}
     args = f"sim epm-socket={daemon.grpc_socket}"
-    for size in SIZES:
+    for size in sizes:
         image_dir = images / str(size)
         built[str(size)] = median([_launch(image_dir, "sim no-epm")[1]
                                    for _ in range(max(3, runs // 4))])
@@ -76,7 +90,8 @@ def launches(images, daemon, runs):
                 raise RuntimeError(f"launch at {size} MiB was {source}")
             samples.append(ms)
         pooled[str(size)] = median(samples)
-    return built, pooled
+        pooled_p99[str(size)] = p99(samples)
+    return built, pooled, pooled_p99
 
 
 def _launch(image_dir, args):
@@ -85,6 +100,45 @@ def _launch(image_dir, args):
     pal.init(args, image_dir=image_dir)
     pal.destroy()
     return pal.source, (time.perf_counter() - started) * 1000
+
+
+def cold_launches(images, daemon, tmp, runs, size=8):
+    """Fresh processes that dlopen the v3 library and launch from the pool.
+
+    Returns ``(total_ms, dlopen_ms)`` samples: dlopen plus pal_init, and
+    dlopen alone (Python's start and the launch path's imports).
+    """
+    host = tmp / "cold_launch"
+    subprocess.run(["gcc", "-O1", "-o", str(host), str(COLD_SOURCE), "-ldl"],
+                   check=True, capture_output=True)
+    args = f"sim epm-socket={daemon.grpc_socket} subtype=bench-cold"
+    client = Client(daemon.grpc_socket)
+    total, dlopen = [], []
+    try:
+        for i in range(runs + 1):
+            got = _cold_launch(host, images / str(size), args)
+            available = [e for e in client.list("bench-cold")
+                         if e.state == "available"]
+            if len(available) != 1:
+                raise RuntimeError(f"a cold launch left {len(available)} enclaves")
+            if i == 0:
+                continue  # the first launch builds and fills the pool
+            total.append(got["dlopen_ms"] + got["init_ms"])
+            dlopen.append(got["dlopen_ms"])
+    finally:
+        client.close()
+    return total, dlopen
+
+
+def _cold_launch(host, image_dir, args):
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("SGX_MODE", "ENCLAVE_RUNTIME_ARGS")}
+    proc = subprocess.run([str(host), str(LIBRARY), args], cwd=image_dir,
+                          capture_output=True, text=True, timeout=60, env=env)
+    got = dict(line.partition("=")[::2] for line in proc.stdout.splitlines())
+    if proc.returncode != 0 or got.get("init") != "0":
+        raise RuntimeError(f"cold launch failed: {proc.stdout}{proc.stderr}")
+    return {k: float(v) for k, v in got.items() if k.endswith("_ms")}
 
 
 def checkout_checkin(images, daemon, runs):
@@ -113,6 +167,103 @@ def checkout_checkin(images, daemon, runs):
     os.close(fd)
     client.close()
     return out_us, in_us
+
+
+def legacy_checkout_checkin(images, daemon, runs):
+    """The published clients' path: gRPC plus a socket per request.
+
+    Check-in is SaveCache, connect to ``<dir>/<ID>`` and send the fd, then
+    SaveFinalCache; check-out listens on ``<dir>/<ID>``, calls GetCache and
+    maps the fd it accepts. One warm gRPC channel, unlike the published
+    client (which opens one per call, after a Healthz): this is the floor of
+    that path, not its worst case.
+    """
+    import grpc
+    from epm_api import v1alpha1_pb2 as pb
+    from epm_api import v1alpha1_pb2_grpc as pb_grpc
+
+    image = load_image(images / "8")
+    identity = image.identity("sim")
+    enclave = sim.build(image)
+    layout, fd = enclave.layout, enclave.fd
+    enclave.unmap()
+    options = pb.Enclave(nr=len(layout), layout=[e.to_proto() for e in layout])
+    run_dir = os.path.dirname(daemon.grpc_socket)
+    channel = grpc.insecure_channel(f"unix:{daemon.grpc_socket}")
+    stub = pb_grpc.EnclavePoolManagerStub(channel)
+    out_us, in_us = [], []
+    try:
+        for _ in range(runs):
+            t0 = time.perf_counter()
+            _legacy_check_in(stub, pb, run_dir, options, fd)
+            t1 = time.perf_counter()
+            os.close(fd)
+            fd, got_layout = _legacy_check_out(stub, pb, run_dir)
+            mapped = Enclave.adopt(fd, got_layout, identity)
+            mapped.map()
+            t2 = time.perf_counter()
+            in_us.append((t1 - t0) * 1e6)
+            out_us.append((t2 - t1) * 1e6)
+            mapped.unmap()
+    finally:
+        os.close(fd)
+        channel.close()
+    return out_us, in_us
+
+
+def _legacy_check_in(stub, pb, run_dir, options, fd):
+    import grpc
+
+    cache_id = uuid.uuid4().hex
+    cache = pb.Cache(type="enclave-cache-pool", subType=LEGACY_SUBTYPE, ID=cache_id)
+    cache.options.Pack(options)
+    stub.SaveCache(pb.SaveCacheRequest(cache=cache), timeout=5)
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as conn:
+        conn.settimeout(5)
+        conn.connect(os.path.join(run_dir, cache_id))
+        conn.sendmsg([b"\0"], [(socket.SOL_SOCKET, socket.SCM_RIGHTS,
+                                array.array("i", [fd]).tobytes())])
+    # The daemon takes the fd on its own thread: until it has, the entry is
+    # pending and SaveFinalCache is refused. The published client calls it
+    # much later (at pal_destroy); here the wait is part of the figure.
+    final = pb.SaveCacheRequest(cache=pb.Cache(
+        type="enclave-cache-pool", subType=LEGACY_SUBTYPE, ID=cache_id))
+    deadline = time.monotonic() + 5
+    while True:
+        try:
+            stub.SaveFinalCache(final, timeout=5)
+            return
+        except grpc.RpcError as e:
+            if (e.code() != grpc.StatusCode.FAILED_PRECONDITION
+                    or time.monotonic() > deadline):
+                raise
+            time.sleep(0.0001)
+
+
+def _legacy_check_out(stub, pb, run_dir):
+    """Listen on <dir>/<ID>, GetCache, accept the daemon's fd: (fd, layout)."""
+    cache_id = uuid.uuid4().hex
+    path = os.path.join(run_dir, cache_id)
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        listener.bind(path)
+        listener.listen(1)
+        listener.settimeout(5)
+        # The daemon may wait for the fd to be read before it answers.
+        future = stub.GetCache.future(pb.GetCacheRequest(
+            type="enclave-cache-pool", subType=LEGACY_SUBTYPE, ID=cache_id),
+            timeout=5)
+        conn, _ = listener.accept()
+        with conn:
+            _, ancdata, _, _ = conn.recvmsg(1, socket.CMSG_SPACE(4))
+        reply = future.result()
+    finally:
+        os.unlink(path)
+        listener.close()
+    fd = array.array("i", ancdata[0][2])[0]
+    enclave = pb.Enclave()
+    reply.cache.options.Unpack(enclave)
+    return fd, [LayoutEntry.from_proto(e) for e in enclave.layout]
 
 
 def _pair_worker(socket_path, seconds, start, queue):
@@ -218,57 +369,76 @@ def _rss_kib(pid):
     raise RuntimeError("no VmRSS")
 
 
+# Runs of each figure by scale; "tiny" only checks that the suite works.
+SCALES = {
+    "full": dict(launch=20, cold=10, handoff=2000, legacy=500, pair_s=5,
+                 build=7, pool=10000),
+    "quick": dict(launch=5, cold=5, handoff=300, legacy=100, pair_s=2,
+                  build=3, pool=1000),
+    "tiny": dict(launch=2, cold=1, handoff=5, legacy=3, pair_s=0.3, build=1,
+                 pool=20),
+}
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--images", type=pathlib.Path, default=REPO / "build/images")
     parser.add_argument("--out", type=pathlib.Path,
                         default=REPO / "benchmarks" / "results.json")
+    parser.add_argument("--table", type=pathlib.Path,
+                        default=REPO / "benchmarks" / "results.md")
     parser.add_argument("--quick", action="store_true", help="fewer runs")
+    parser.add_argument("--tiny", action="store_true",
+                        help="a few runs of everything, to check the suite")
     args = parser.parse_args()
     structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(40))
-    runs = 5 if args.quick else 20
-    results = {}
+    scale = "tiny" if args.tiny else "quick" if args.quick else "full"
+    results = run(args.images, scale)
+    args.out.write_text(json.dumps(results, indent=2) + "\n")
+    write_markdown(results, args.table)
+    print_table(results)
+
+
+def run(images, scale):
+    """Every figure at ``scale`` (a key of SCALES); returns the results dict."""
+    n = SCALES[scale]
+    results = {"scale": scale}
     with tempfile.TemporaryDirectory(prefix="epm-bench-") as tmp:
         tmp = pathlib.Path(tmp)
         (tmp / "main").mkdir()
         daemon = Daemon(tmp / "main").start()
         try:
-            built, pooled = launches(args.images, daemon, runs)
+            built, pooled, pooled_p99 = launches(images, daemon, n["launch"])
             results["launch_build_ms"] = built
             results["launch_pool_ms"] = pooled
-            out_us, in_us = checkout_checkin(args.images, daemon,
-                                             200 if args.quick else 2000)
+            results["launch_pool_ms_p99"] = pooled_p99
+            total, dlopen = cold_launches(images, daemon, tmp, n["cold"])
+            results["launch_cold_pool_ms"] = median(total)
+            results["launch_cold_pool_ms_p99"] = p99(total)
+            results["launch_cold_dlopen_ms"] = median(dlopen)
+            out_us, in_us = checkout_checkin(images, daemon, n["handoff"])
             results["checkout_us_p50"] = median(out_us)
             results["checkout_us_p99"] = p99(out_us)
             results["checkin_us_p50"] = median(in_us)
             results["checkin_us_p99"] = p99(in_us)
+            out_us, in_us = legacy_checkout_checkin(images, daemon, n["legacy"])
+            results["legacy_checkout_us_p50"] = median(out_us)
+            results["legacy_checkout_us_p99"] = p99(out_us)
+            results["legacy_checkin_us_p50"] = median(in_us)
+            results["legacy_checkin_us_p99"] = p99(in_us)
             results["pairs_per_s"] = {}
-            for n in (1, 4, 16):
-                rate, errors = pairs_per_second(daemon, n, 2 if args.quick else 5)
-                results["pairs_per_s"][str(n)] = {"pairs_per_s": rate,
-                                                  "errors": errors}
+            for procs in (1, 4, 16):
+                rate, errors = pairs_per_second(daemon, procs, n["pair_s"])
+                results["pairs_per_s"][str(procs)] = {"pairs_per_s": rate,
+                                                      "errors": errors}
         finally:
             daemon.stop()
         results["build_mib_per_s"], results["sha256_records_mib_per_s"] = \
-            build_speed(args.images, 3 if args.quick else 7)
+            build_speed(images, n["build"])
         (results["pool10k_rss_kib_per_enclave"], results["pool10k_list_s"],
-         results["pool10k_flush_s"]) = pool10k(tmp, 1000 if args.quick else 10000)
-    args.out.write_text(json.dumps(results, indent=2) + "\n")
-    print_table(results)
-
-
-def print_table(r):
-    print(f"{'figure':<34} {'value':>14}")
-    for key, value in r.items():
-        if isinstance(value, dict):
-            for sub, v in value.items():
-                if isinstance(v, dict):
-                    v = f"{v['pairs_per_s']:.0f} ({v['errors']} err)"
-                    print(f"{key + '[' + sub + ']':<34} {v:>14}")
-                else:
-                    print(f"{key + '[' + sub + ']':<34} {v:>14.2f}")
-        else:
-            print(f"{key:<34} {value:>14.2f}")
+         results["pool10k_flush_s"]) = pool10k(tmp, n["pool"])
+        results["pool10k_count"] = n["pool"]
+    return results
 
 
 if __name__ == "__main__":

@@ -8,17 +8,16 @@ that starts for every container, where importing grpc alone would cost about
 90 ms and its threads would be inherited by a forked workload.
 """
 
+import array
 import dataclasses
 import os
 import socket
+import struct
 import time
 
 from epm_api import framing
-from epm_api import handoff_pb2 as hpb
-from epm_api import v1alpha1_pb2 as pb
-from epm_client import errors
-from epm_client.types import (ENCLAVE_POOL, Identity, LayoutEntry,
-                              enclave_to_proto)
+from epm_client import errors, wire
+from epm_client.types import ENCLAVE_POOL, Identity, LayoutEntry
 
 DEFAULT_SOCKET = "/var/run/epm/epm.sock"
 HANDOFF_SOCKET_NAME = "epm-handoff.sock"
@@ -27,6 +26,12 @@ HANDOFF_SOCKET_NAME = "epm-handoff.sock"
 CONNECT_TIMEOUT_S = 1.0
 REQUEST_TIMEOUT_S = 5.0
 RPC_TIMEOUT_S = 5.0
+
+# One recvmsg takes a whole reply: a check-out reply is about 150 bytes.
+_RECV_SIZE = 4096
+# Room for one descriptor more than a reply may carry, so that a second one
+# is seen (and closed) rather than silently truncated.
+_CMSG_SIZE = socket.CMSG_SPACE(2 * array.array("i").itemsize)
 
 
 def default_socket():
@@ -70,6 +75,9 @@ class Client:
         self._conn = None
         self._channel = None
         self._stub = None
+        # Serialized requests by their content: a PAL or a warm client asks
+        # for the same identity again and again.
+        self._encoded = {}
 
     # -- the hand-off socket ------------------------------------------------
 
@@ -80,23 +88,24 @@ class Client:
         Raises DaemonUnavailable when the daemon cannot be reached, and the
         EpmError subclass of the daemon's refusal otherwise.
         """
-        request = hpb.HandoffRequest(check_out=hpb.CheckOut(
-            subtype=subtype, identity=identity.to_proto()))
+        key = ("out", subtype, identity)
+        request = self._encoded.get(key)
+        if request is None:
+            request = self._remember(key, wire.check_out_request(subtype, identity))
         reply, fds = self._round_trip(request)
-        if not reply.HasField("enclave"):
+        if reply.enclave is None:
             framing.close_all(fds)
             return None
         if len(fds) != 1:
             framing.close_all(fds)
             raise errors.ProtocolError(
                 f"check-out reply carried {len(fds)} descriptors, expected 1")
-        got = Identity.from_proto(reply.enclave.identity)
-        if got != identity:
+        if reply.enclave.identity != identity:
             framing.close_all(fds)
             raise errors.ProtocolError(
                 f"daemon handed out enclave {reply.id} of another identity")
-        layout = [LayoutEntry.from_proto(e) for e in reply.enclave.layout]
-        return CheckedOut(fd=fds[0], layout=layout, identity=got, pool_id=reply.id)
+        return CheckedOut(fd=fds[0], layout=reply.enclave.layout,
+                          identity=identity, pool_id=reply.id)
 
     def check_in(self, fd, subtype, layout, identity):
         """Hand ``fd`` to the pool, held for this process; return its ID.
@@ -104,8 +113,11 @@ class Client:
         The caller keeps its own copy of ``fd`` and may go on using the
         enclave; ``save_final`` makes it available to others.
         """
-        request = hpb.HandoffRequest(check_in=hpb.CheckIn(
-            subtype=subtype, enclave=enclave_to_proto(layout, identity)))
+        key = ("in", subtype, tuple(layout), identity)
+        request = self._encoded.get(key)
+        if request is None:
+            request = self._remember(
+                key, wire.check_in_request(subtype, layout, identity))
         reply, fds = self._round_trip(request, fd=fd)
         framing.close_all(fds)
         if not reply.id:
@@ -114,29 +126,41 @@ class Client:
 
     def save_final(self, pool_id):
         """Make the held enclave ``pool_id`` available for check-out."""
-        request = hpb.HandoffRequest(save_final=hpb.SaveFinal(id=pool_id))
-        _, fds = self._round_trip(request)
+        _, fds = self._round_trip(wire.save_final_request(pool_id))
         framing.close_all(fds)
 
+    def _remember(self, key, request):
+        if len(self._encoded) >= 64:
+            self._encoded.clear()
+        self._encoded[key] = request
+        return request
+
     def _round_trip(self, request, fd=None):
+        """Send one request frame and read its reply: one syscall each way.
+
+        The socket is blocking with kernel send and receive timeouts
+        (SO_SNDTIMEO, SO_RCVTIMEO) set once when it connects, so no call
+        here polls first or changes the socket's mode; the deadline bounds
+        the loops that a short read or write needs.
+        """
         conn = self._connect()
         deadline = time.monotonic() + REQUEST_TIMEOUT_S
         try:
-            framing.send_frame(conn, request.SerializeToString(), deadline, fd)
-            got = framing.recv_frame(conn, deadline)
+            _send_frame(conn, request, fd, deadline)
+            payload, fds = _recv_frame(conn, deadline)
         except (OSError, framing.FramingError) as e:
             self._drop_connection()
+            if isinstance(e, BlockingIOError):
+                e = "timed out"
             raise errors.DaemonUnavailable(
-                f"hand-off with epm at {self.handoff_path} failed: {e}") from e
-        if got is None:
+                f"hand-off with epm at {self.handoff_path} failed: {e}") from None
+        if payload is None:
             self._drop_connection()
             raise errors.DaemonUnavailable(
                 f"epm at {self.handoff_path} closed the connection")
-        payload, fds = got
-        reply = hpb.HandoffReply()
         try:
-            reply.ParseFromString(payload)
-        except Exception as e:
+            reply = wire.parse_reply(payload)
+        except wire.WireError as e:
             framing.close_all(fds)
             self._drop_connection()
             raise errors.ProtocolError(f"unparseable hand-off reply: {e}") from e
@@ -157,6 +181,10 @@ class Client:
             raise errors.DaemonUnavailable(
                 f"cannot reach epm at {self.handoff_path}: {e.strerror or e}"
             ) from e
+        conn.settimeout(None)
+        timeout = _timeval(REQUEST_TIMEOUT_S)
+        conn.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, timeout)
+        conn.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, timeout)
         self._conn = conn
         return conn
 
@@ -169,10 +197,12 @@ class Client:
 
     def health(self):
         """True when the daemon answers Healthz with ok."""
+        pb = _stubs()
         return self._call("Healthz", pb.HealthzRequest(type=ENCLAVE_POOL)).ok
 
     def list(self, subtype="", pool_type=ENCLAVE_POOL, page=500):
         """Every entry of ``pool_type`` (optionally of one subtype), by ID."""
+        pb = _stubs()
         entries = []
         last = ""
         while True:
@@ -185,6 +215,7 @@ class Client:
 
     def delete(self, pool_id, subtype="", pool_type=ENCLAVE_POOL):
         """Remove one entry from the pool; raise NotFound if it is not there."""
+        pb = _stubs()
         self._call("DeleteCache", pb.DeleteCacheRequest(
             type=pool_type, subType=subtype, ID=pool_id))
 
@@ -237,7 +268,7 @@ class Client:
 
 
 def _entry_from(cache):
-    enclave = pb.Enclave()
+    enclave = _stubs().Enclave()
     identity = None
     layout = ()
     if cache.HasField("options") and cache.options.Unpack(enclave):
@@ -247,3 +278,78 @@ def _entry_from(cache):
     return PoolEntry(type=cache.type, subtype=cache.subType, id=cache.ID,
                      state=enclave.state, created=cache.created, layout=layout,
                      identity=identity)
+
+
+def _stubs():
+    # Only the gRPC API needs the protobuf runtime (about 38 ms to import);
+    # the hand-off path encodes its messages itself (epm_client.wire).
+    from epm_api import v1alpha1_pb2
+    return v1alpha1_pb2
+
+
+def _timeval(seconds):
+    return struct.pack("@ll", int(seconds), int(seconds % 1 * 1e6))
+
+
+def _send_frame(conn, payload, fd, deadline):
+    """Header and payload in one sendmsg, with ``fd`` in SCM_RIGHTS if given."""
+    if len(payload) > framing.MAX_FRAME:
+        raise framing.FramingError(
+            f"frame of {len(payload)} bytes exceeds {framing.MAX_FRAME}")
+    data = framing.HEADER.pack(len(payload)) + payload
+    ancillary = []
+    if fd is not None:
+        ancillary = [(socket.SOL_SOCKET, socket.SCM_RIGHTS,
+                      array.array("i", [fd]).tobytes())]
+    sent = conn.sendmsg([data], ancillary)
+    while sent < len(data):
+        if time.monotonic() > deadline:
+            raise framing.FrameTimeout("timed out sending a frame")
+        sent += conn.send(data[sent:])
+
+
+def _recv_frame(conn, deadline):
+    """One reply frame: ``(payload, fds)``, or ``(None, [])`` at EOF.
+
+    A reply usually arrives whole, in one recvmsg. The caller owns the fds.
+    """
+    fds = []
+    buf = b""
+    try:
+        while True:
+            data, ancdata, flags, _ = conn.recvmsg(
+                _RECV_SIZE, _CMSG_SIZE, socket.MSG_CMSG_CLOEXEC)
+            fds.extend(_fds_from(ancdata))
+            if flags & socket.MSG_CTRUNC:
+                raise framing.FramingError("reply carried more descriptors "
+                                           "than allowed")
+            if not data:
+                if buf:
+                    raise framing.FramingError(
+                        f"epm closed the connection after {len(buf)} bytes")
+                framing.close_all(fds)
+                return None, []
+            buf += data
+            if len(buf) >= framing.HEADER.size:
+                (length,) = framing.HEADER.unpack_from(buf)
+                if length > framing.MAX_FRAME:
+                    raise framing.FramingError(
+                        f"frame length {length} exceeds {framing.MAX_FRAME}")
+                if len(buf) >= framing.HEADER.size + length:
+                    if len(buf) > framing.HEADER.size + length:
+                        raise framing.FramingError("bytes after the reply")
+                    return buf[framing.HEADER.size:], fds
+            if time.monotonic() > deadline:
+                raise framing.FrameTimeout("timed out receiving a reply")
+    except BaseException:
+        framing.close_all(fds)
+        raise
+
+
+def _fds_from(ancdata):
+    fds = []
+    for level, kind, data in ancdata:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+            usable = len(data) - len(data) % array.array("i").itemsize
+            fds.extend(array.array("i", data[:usable]))
+    return fds

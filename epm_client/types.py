@@ -3,8 +3,6 @@
 import dataclasses
 import mmap
 
-from epm_api import v1alpha1_pb2 as pb
-
 ENCLAVE_POOL = "enclave-cache-pool"
 ENCLAVE_TYPE_URL = "type.googleapis.com/v1alpha1.Enclave"
 
@@ -21,6 +19,7 @@ class Identity:
     backend: str
 
     def to_proto(self):
+        pb = _stubs()
         return pb.EnclaveIdentity(
             mrenclave=self.mrenclave, mrsigner=self.mrsigner,
             attributes=self.attributes, xfrm=self.xfrm, size=self.size,
@@ -58,6 +57,7 @@ class LayoutEntry:
         return mmap.MAP_PRIVATE if self.private else mmap.MAP_SHARED
 
     def to_proto(self):
+        pb = _stubs()
         return pb.Enclavelayout(addr=self.addr, size=self.size, prot=pb.EnclavePerms(
             read=self.read, write=self.write, execute=self.execute,
             share=self.share, private=self.private))
@@ -71,7 +71,15 @@ class LayoutEntry:
 
 def enclave_to_proto(layout, identity, fd=-1, state=""):
     """An ``Enclave`` message for a layout and identity."""
+    pb = _stubs()
     return pb.Enclave(fd=fd, nr=len(layout),
                       layout=[entry.to_proto() for entry in layout],
                       identity=identity.to_proto() if identity else None,
                       state=state)
+
+
+def _stubs():
+    # The protobuf runtime is imported only by what needs messages: the
+    # PAL's launch path encodes its few messages itself (epm_client.wire).
+    from epm_api import v1alpha1_pb2
+    return v1alpha1_pb2
