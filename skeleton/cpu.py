@@ -12,15 +12,12 @@ is needed when the runtime is loaded, which matters inside a container.
 import functools
 import mmap
 
-import cffi
-
 from skeleton.errors import BackendError
+from skeleton.native import ffi
 
 # xor ecx, ecx; xgetbv; shl rdx, 32; or rax, rdx; ret
 _XGETBV_0 = bytes.fromhex("31c90f01d048c1e2204809d0c3")
 XCR0_LEGACY = 0x3  # x87 | SSE, what a CPU without OSXSAVE runs with
-
-ffi = cffi.FFI()
 
 
 def _osxsave():

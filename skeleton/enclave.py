@@ -1,7 +1,7 @@
 """An enclave in this process: its fd, its layout, and the memory mapped from it.
 
-Mapping goes through libc's mmap (cffi ABI mode) rather than Python's mmap
-module, because an enclave must sit at fixed addresses: its base is part of
+Mapping goes through libc's mmap (cffi, ``skeleton.native``) rather than
+Python's mmap module, because an enclave must sit at fixed addresses: its base is part of
 what was measured. MAP_FIXED_NOREPLACE makes the kernel refuse, instead of
 replace, an address this process already uses (DESIGN §3 and §5).
 """
@@ -10,18 +10,10 @@ import errno
 import os
 import random
 
-import cffi
-
 from skeleton.errors import BackendError, MappingConflict, SkeletonError
+from skeleton.native import ffi, libc as _libc
 from skeleton.structs import (ENTRY_RECORD, ENTRY_RECORD_MAGIC, ENTRY_RECORD_OFFSET,
                               PAGE_SIZE, TCS)
-
-ffi = cffi.FFI()
-ffi.cdef("""
-void *mmap(void *addr, size_t length, int prot, int flags, int fd, int64_t offset);
-int munmap(void *addr, size_t length);
-""")
-_libc = ffi.dlopen(None)
 
 PROT_NONE = 0
 MAP_PRIVATE = 0x02

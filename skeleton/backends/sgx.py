@@ -16,14 +16,14 @@ import errno
 import os
 import struct
 
-import cffi
-
 from epm_client.types import LayoutEntry
 from skeleton.enclave import (ECALL_INIT, ECALL_REPORT, GREETING_BUFFER,
                               REPORT_CALL_REPORT, REPORT_CALL_REPORT_DATA,
                               REPORT_CALL_SIZE, Enclave, release)
 from skeleton.errors import BackendError, EinitError, SkeletonError
 from skeleton.measure import tcs_as_added
+# The driver's structures are declared in skeleton.ffi_build, after asm/sgx.h.
+from skeleton.native import ffi, libc as _libc
 from skeleton.structs import PAGE_SIZE, PT_TCS, REG_RWX, SECS, SECINFO, TCS
 
 BACKEND = "sgx"
@@ -34,24 +34,6 @@ OUT_OF_TREE_DEVICES = {
     "/dev/isgx": "the legacy out-of-tree isgx driver",
 }
 
-ffi = cffi.FFI()
-ffi.cdef("""
-struct sgx_enclave_create { uint64_t src; };
-struct sgx_enclave_add_pages {
-    uint64_t src; uint64_t offset; uint64_t length; uint64_t secinfo;
-    uint64_t flags; uint64_t count;
-};
-struct sgx_enclave_init { uint64_t sigstruct; };
-struct sgx_enclave_run {
-    uint64_t tcs; uint32_t function; uint16_t exception_vector;
-    uint16_t exception_error_code; uint64_t exception_addr;
-    uint64_t user_handler; uint64_t user_data; uint8_t reserved[216];
-};
-int ioctl(int fd, unsigned long request, void *arg);
-void *mmap(void *addr, size_t length, int prot, int flags, int fd, int64_t offset);
-unsigned long getauxval(unsigned long type);
-""")
-_libc = ffi.dlopen(None)
 
 
 def _ioc(direction, number, size, magic=0xA4):

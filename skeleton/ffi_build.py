@@ -1,0 +1,71 @@
+"""Generate ``skeleton/_ffi.py``: the skeleton's C declarations, parsed ahead of time.
+
+Usage: ``python -m skeleton.ffi_build [--out skeleton/_ffi.py]`` (``make``
+runs it). The PAL libraries start Python in every new container, and parsing
+these declarations at import costs pycparser's import plus a parse per
+module. cffi's out-of-line ABI mode parses them once, here, into a Python
+module of precomputed type data that ``_cffi_backend`` loads without
+pycparser; ``skeleton.native`` imports it. Nothing is compiled: calls still
+go through libffi to the functions of the process (libc, the vDSO).
+"""
+
+import os
+import pathlib
+import sys
+
+MODULE = "skeleton._ffi"
+DEFAULT_OUT = pathlib.Path(__file__).resolve().parent / "_ffi.py"
+
+# libc for mapping enclaves (skeleton.enclave) and for the in-tree driver, whose
+# structures follow the kernel's uapi asm/sgx.h (skeleton.backends.sgx, checked
+# against the header by tests/test_sgx_backend.py).
+CDEF = """
+void *mmap(void *addr, size_t length, int prot, int flags, int fd, int64_t offset);
+int munmap(void *addr, size_t length);
+int ioctl(int fd, unsigned long request, void *arg);
+unsigned long getauxval(unsigned long type);
+
+struct sgx_enclave_create { uint64_t src; };
+struct sgx_enclave_add_pages {
+    uint64_t src; uint64_t offset; uint64_t length; uint64_t secinfo;
+    uint64_t flags; uint64_t count;
+};
+struct sgx_enclave_init { uint64_t sigstruct; };
+struct sgx_enclave_run {
+    uint64_t tcs; uint32_t function; uint16_t exception_vector;
+    uint16_t exception_error_code; uint64_t exception_addr;
+    uint64_t user_handler; uint64_t user_data; uint8_t reserved[216];
+};
+"""
+
+
+def build(out=DEFAULT_OUT):
+    """Write the generated module to ``out``, replacing it atomically."""
+    import cffi
+
+    ffi = cffi.FFI()
+    ffi.cdef(CDEF)
+    ffi.set_source(MODULE, None)
+    out = pathlib.Path(out)
+    partial = out.with_name(out.name + ".partial")
+    ffi.emit_python_code(str(partial))
+    # The declarations go along, so that a module generated from other ones is
+    # refused at import instead of failing later on a missing type.
+    with open(partial, "a") as f:
+        f.write(f"\nCDEF = {CDEF!r}\n")
+    os.replace(partial, out)
+
+
+def main(argv=None):
+    import argparse
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default=DEFAULT_OUT,
+                        help="path of the module to write (default: %(default)s)")
+    args = parser.parse_args(argv)
+    build(args.out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
