@@ -1,6 +1,7 @@
 # Two commands matter: `make demo` runs the main job, `make test` runs the
 # tests. Each builds what it needs first: the virtual environment, the stubs
-# generated from proto/, the enclave image and its development signing key.
+# generated from proto/, the skeleton's C declarations, the enclave image and
+# its development signing key, and the PAL libraries.
 
 PYTHON ?= python3
 VENV := .venv
@@ -14,12 +15,13 @@ ENCLAVE_SRC := $(wildcard skeleton/enclave/*)
 PAL_VERSIONS := 1 2 3
 PAL_LIBS := $(foreach v,$(PAL_VERSIONS),$(BUILD)/liberpal-skeleton-v$(v).so)
 PAL_SRC := $(wildcard skeleton/capi/*.py skeleton/capi/*.c skeleton/capi/*.map)
+FFI := skeleton/_ffi.py
 PREFIX ?= /usr
 LIBDIR ?= $(PREFIX)/lib
 
-.PHONY: all venv proto image pal install-pal demo test bench clean
+.PHONY: all venv proto ffi image pal install-pal demo test bench clean
 
-all: venv proto image pal
+all: venv proto ffi image pal
 
 venv: $(VENV)/.installed
 
@@ -35,14 +37,21 @@ epm_api/%_pb2.py: proto/epm_api/%.proto $(VENV)/.installed
 	$(PY) -m grpc_tools.protoc -Iproto --python_out=. --pyi_out=. \
 		--grpc_python_out=. $<
 
+# The skeleton's C declarations, parsed once here (cffi out-of-line ABI mode)
+# so that importing the skeleton never imports pycparser.
+ffi: $(FFI)
+
+$(FFI): skeleton/ffi_build.py $(VENV)/.installed
+	$(PY) -m skeleton.ffi_build --out $@
+
 # The enclave image: compiled from skeleton/enclave, then one signed copy per
 # size, because the signer writes the mmap size into the image's metadata.
 image: $(IMAGES)
 
-$(BUILD)/encl.bin: $(ENCLAVE_SRC) skeleton/build_image.py $(VENV)/.installed
+$(BUILD)/encl.bin: $(ENCLAVE_SRC) skeleton/build_image.py $(FFI) $(VENV)/.installed
 	$(PY) -m skeleton.build_image --out $@
 
-$(BUILD)/dev-key.pem: $(VENV)/.installed
+$(BUILD)/dev-key.pem: $(FFI) $(VENV)/.installed
 	@mkdir -p $(BUILD)
 	$(VENV)/bin/sgxsign --genkey $@
 
@@ -57,7 +66,7 @@ $(BUILD)/images/%/encl.ss: $(BUILD)/encl.bin $(BUILD)/dev-key.pem $(STUBS) \
 # checkout and the venv's site-packages baked in (skeleton/capi/build.py).
 pal: $(PAL_LIBS)
 
-$(BUILD)/liberpal-skeleton-v%.so: $(PAL_SRC) $(VENV)/.installed
+$(BUILD)/liberpal-skeleton-v%.so: $(PAL_SRC) $(FFI) $(VENV)/.installed
 	$(PY) -m skeleton.capi.build --version $* --out $@
 
 # Copies the libraries only: they find Python and the project through the
@@ -66,14 +75,14 @@ install-pal: pal
 	install -d $(DESTDIR)$(LIBDIR)
 	install -m 0755 $(PAL_LIBS) $(DESTDIR)$(LIBDIR)/
 
-demo: venv proto image pal
+demo: venv proto ffi image pal
 	$(PY) scripts/demo.py --images $(BUILD)/images
 
-test: venv proto image pal
+test: venv proto ffi image pal
 	$(PY) -m pytest -q
 
-bench: venv proto image
+bench: venv proto ffi image pal
 	$(PY) benchmarks/run.py --images $(BUILD)/images
 
 clean:
-	rm -rf $(BUILD) epm_api/*_pb2*.py epm_api/*_pb2.pyi
+	rm -rf $(BUILD) $(FFI) epm_api/*_pb2*.py epm_api/*_pb2.pyi
