@@ -23,9 +23,6 @@ def main(argv=None):
     client = Client(args.socket)
     try:
         return args.run(client, args)
-    except errors.DaemonUnavailable as e:
-        print(f"epmctl: the epm daemon is not reachable ({e}); is it running?",
-              file=sys.stderr)
     except errors.EpmError as e:
         print(f"epmctl: {e}", file=sys.stderr)
     finally:

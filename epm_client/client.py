@@ -10,6 +10,7 @@ that starts for every container, where importing grpc alone would cost about
 
 import array
 import dataclasses
+import errno
 import os
 import socket
 import struct
@@ -178,9 +179,7 @@ class Client:
             conn.connect(self.handoff_path)
         except OSError as e:
             conn.close()
-            raise errors.DaemonUnavailable(
-                f"cannot reach epm at {self.handoff_path}: {e.strerror or e}"
-            ) from e
+            raise _unreachable(self.handoff_path, e) from e
         conn.settimeout(None)
         timeout = _timeval(REQUEST_TIMEOUT_S)
         conn.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, timeout)
@@ -241,11 +240,19 @@ class Client:
         return deleted, kept
 
     def _call(self, method, request):
-        if not os.path.exists(self.socket_path):
-            raise errors.DaemonUnavailable(f"no epm socket at {self.socket_path}")
         import grpc
         from epm_api import v1alpha1_pb2_grpc as pb_grpc
         if self._stub is None:
+            # gRPC reports every failure to connect as UNAVAILABLE; one plain
+            # connect first tells a missing, stale or forbidden socket apart.
+            probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            probe.settimeout(CONNECT_TIMEOUT_S)
+            try:
+                probe.connect(self.socket_path)
+            except OSError as e:
+                raise _unreachable(self.socket_path, e) from None
+            finally:
+                probe.close()
             self._channel = grpc.insecure_channel(f"unix:{self.socket_path}")
             self._stub = pb_grpc.EnclavePoolManagerStub(self._channel)
         try:
@@ -353,3 +360,20 @@ def _fds_from(ancdata):
             usable = len(data) - len(data) % array.array("i").itemsize
             fds.extend(array.array("i", data[:usable]))
     return fds
+
+
+def _unreachable(path, error):
+    """The exception for a failed connect to one of the daemon's sockets."""
+    if error.errno in (errno.EACCES, errno.EPERM):
+        return errors.PermissionDenied(
+            f"permission denied on the epm socket {path}: it admits root and "
+            "the daemon's group")
+    if error.errno == errno.ENOENT:
+        return errors.DaemonUnavailable(
+            f"epm is not reachable: no socket at {path} (is the daemon running?)")
+    if error.errno == errno.ECONNREFUSED:
+        return errors.DaemonUnavailable(
+            f"epm is not reachable: nothing listens on {path} (a socket left by "
+            "a daemon that is gone)")
+    return errors.DaemonUnavailable(
+        f"epm is not reachable at {path}: {error.strerror or error}")

@@ -156,11 +156,20 @@ class Pal:
         enclave = _adopt(got.fd, got.layout, got.identity, image, oentry)
         try:
             enclave.map()
+            if enclave.backend == "sim":
+                enclave.body_address()  # its entry record is where the image's is
         except errors.MappingConflict as e:
             # Our address space already uses part of the enclave's range:
             # the enclave is still good for another container, so return it.
             log.warning("enclave_mapping_conflict", error=str(e), action="building")
             self._give_back(enclave, subtype)
+            return None
+        except errors.SkeletonError as e:
+            # Not what its identity promised (no entry record, a mapping the
+            # kernel refuses): it must not go back to the pool.
+            log.warning("pooled_enclave_unusable", id=got.pool_id, error=str(e),
+                        action="discarding it and building")
+            enclave.close()
             return None
         return enclave
 

@@ -57,5 +57,32 @@ def test_daemon_down_prints_one_line_and_fails(tmp_path):
         assert result.returncode != 0
         assert result.stdout == ""
         assert len(result.stderr.splitlines()) == 1
-        assert "not reachable" in result.stderr
+        assert "epm is not reachable: no socket at" in result.stderr
         assert os.fspath(tmp_path) in result.stderr
+
+
+def test_a_user_without_access_is_told_so(daemon):
+    """epmctl, run as nobody in a forked child, names the permission problem."""
+    import grpc  # noqa: F401  (nobody may not read the venv under /root)
+    from epm_api import v1alpha1_pb2_grpc  # noqa: F401
+    from epm_client import cli
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        code = 99
+        try:
+            sys.stderr = open(write, "w", closefd=False)
+            os.setgroups([])
+            os.setgid(65534)
+            os.setuid(65534)
+            code = cli.main(["--socket", str(daemon.grpc_socket), "list"])
+        finally:
+            sys.stderr.flush()
+            os._exit(code)
+    os.close(write)
+    with os.fdopen(read) as f:
+        stderr = f.read()
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 1
+    assert stderr.startswith("epmctl: permission denied on the epm socket")
+    assert len(stderr.splitlines()) == 1

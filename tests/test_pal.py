@@ -262,3 +262,30 @@ def test_stderr_logger_writes_event_and_key_values_on_one_line(capfd):
         pal_log.use_structlog()
     assert capfd.readouterr().err == \
         "[warning] epm_unreachable error='no socket\\nat all' action=building\n"
+
+
+def test_pooled_enclave_that_is_not_what_it_claims_is_discarded(daemon, images):
+    """A zero-filled memfd checked in under the image's identity never runs."""
+    import fcntl
+    from skeleton.image import load_image
+    identity = load_image(images / "8").identity("sim")
+    args = f"sim epm-socket={daemon.grpc_socket}"
+    launch(images / "8", args)
+    with Client(daemon.grpc_socket) as client:
+        [genuine] = client.list()
+        layout = genuine.layout
+        client.flush()
+        fd = os.memfd_create("epm-sim-enclave", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+        os.ftruncate(fd, identity.size)
+        fcntl.fcntl(fd, fcntl.F_ADD_SEALS,
+                    fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SEAL)
+        try:
+            client.save_final(client.check_in(fd, "skeleton-0.0.0", layout, identity))
+        finally:
+            os.close(fd)
+
+        with capture_logs() as logs:
+            assert launch(images / "8", args) == ("built", GREETING)
+        assert "pooled_enclave_unusable" in [e["event"] for e in logs]
+        assert launch(images / "8", args) == ("pool", GREETING)
+        assert len(client.list()) == 1
