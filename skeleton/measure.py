@@ -6,6 +6,7 @@ EEXTEND update a SHA-256 of the enclave) and DESIGN §5; page placement follows
 the published skeleton (DESIGN §5, "How the published skeleton lays an image out").
 """
 
+import array
 import dataclasses
 import hashlib
 import struct
@@ -19,6 +20,15 @@ _ECREATE = struct.Struct("<8sIQ44x")
 # 16 EEXTEND headers (offset, 48 zero bytes) each followed by its 256 data bytes.
 _PAGE = struct.Struct("<8sQ48s" + "8sQ48x256s" * (PAGE_SIZE // CHUNK))
 _ZERO_PAGE = bytes(PAGE_SIZE)
+# Runs of zero pages (SSA frames, padding up to the mmap size: most of a large
+# enclave) differ only in their offset fields, so they are hashed in batches
+# from a template whose offsets are patched with strided slice assignments,
+# one per record kind, instead of packing every page in Python. In u64 units
+# a page's records are 648 long; EADD's offset is word 1 and the offset of
+# EEXTEND k is word 9 + 40k.
+_WORDS_PER_PAGE = _PAGE.size // 8
+_OFFSET_WORDS = [(1, 0)] + [(9 + 40 * k, CHUNK * k) for k in range(PAGE_SIZE // CHUNK)]
+_ZERO_BATCH = 256
 
 # XSAVE state components as (bit, offset, size) in the standard (non-compacted)
 # format, as CPUID leaf 0xD reports them (SDM Vol. 1, 13.4 and 13.5).
@@ -119,17 +129,55 @@ class Measurement:
     def __init__(self, enclave_size, ssa_frame_pages):
         self._hash = hashlib.sha256(
             _ECREATE.pack(b"ECREATE", ssa_frame_pages, enclave_size))
+        self._zero_run = None  # [first offset, page count, flags]
+        self._templates = {}
 
     def add_page(self, offset, flags, page=None):
-        """EADD one page at an offset from the base, then EEXTEND all of it."""
-        page = _ZERO_PAGE if page is None else page
+        """EADD one page at an offset from the base, then EEXTEND all of it.
+
+        ``page`` None is a page of zeros; consecutive ones are hashed together.
+        """
+        if page is None:
+            run = self._zero_run
+            if run and run[2] == flags and run[0] + run[1] * PAGE_SIZE == offset:
+                run[1] += 1
+            else:
+                self._flush_zero_run()
+                self._zero_run = [offset, 1, flags]
+            return
+        self._flush_zero_run()
         args = [b"EADD", offset, struct.pack("<Q40x", flags)]
         for start in range(0, PAGE_SIZE, CHUNK):
             args += (b"EEXTEND", offset + start, page[start:start + CHUNK])
         self._hash.update(_PAGE.pack(*args))
 
     def digest(self):
+        self._flush_zero_run()
         return self._hash.digest()
+
+    def _flush_zero_run(self):
+        if self._zero_run is None:
+            return
+        offset, count, flags = self._zero_run
+        self._zero_run = None
+        batch = self._template(flags)
+        while count:
+            n = min(count, _ZERO_BATCH)
+            end = n * _WORDS_PER_PAGE
+            for word, delta in _OFFSET_WORDS:
+                first = offset + delta
+                batch[word:end:_WORDS_PER_PAGE] = array.array(
+                    "Q", range(first, first + n * PAGE_SIZE, PAGE_SIZE))
+            self._hash.update(memoryview(batch)[:end])
+            offset += n * PAGE_SIZE
+            count -= n
+
+    def _template(self, flags):
+        if flags not in self._templates:
+            args = [b"EADD", 0, struct.pack("<Q40x", flags)]
+            args += [b"EEXTEND", 0, bytes(CHUNK)] * (PAGE_SIZE // CHUNK)
+            self._templates[flags] = array.array("Q", _PAGE.pack(*args) * _ZERO_BATCH)
+        return self._templates[flags]
 
 
 def measure(data, geometry):

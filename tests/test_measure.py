@@ -90,3 +90,19 @@ def test_max_mmap_size_below_the_image_is_refused():
     (0x3, 0, 1), (0x7, 0, 1), (0xe7, 1, 1), (0x60007, 0, 3)])
 def test_ssa_frame_size_follows_xfrm(xfrm, miscselect, pages):
     assert measure.ssa_frame_pages(xfrm, miscselect) == pages
+
+
+def test_batched_zero_pages_hash_like_pages_of_zero_bytes():
+    """Runs of zero pages (batched) measure as the same pages given as bytes."""
+    batched = measure.Measurement(1 << 24, 1)
+    explicit = measure.Measurement(1 << 24, 1)
+    offsets = [0x1000 * i for i in range(600)] + [0x400000 + 0x1000 * i
+                                                 for i in range(3)]
+    for i, offset in enumerate(offsets):
+        flags = 0x207 if i != 300 else 0x100
+        batched.add_page(offset, flags)
+        explicit.add_page(offset, flags, bytes(4096))
+        if i == 450:
+            batched.add_page(0x800000, 0x207, b"\x01" * 4096)
+            explicit.add_page(0x800000, 0x207, b"\x01" * 4096)
+    assert batched.digest() == explicit.digest()
