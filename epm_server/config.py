@@ -9,6 +9,7 @@ is checked; an error names it.
 """
 
 import dataclasses
+import math
 import os
 import tomllib
 
@@ -35,9 +36,12 @@ class Config:
     allowed_gids: tuple = ()
     timeout: float = 5.0
     idle_timeout: float = 60.0
+    max_connections: int = 64
+    max_connections_per_uid: int = 16
     max_total: int = 256
     max_per_identity: int = 32
     legacy_accept_timeout: float = 10.0
+    legacy_max_pending: int = 16
     # Empty: no client may name a source or target path until the operator
     # says where bundles live; the daemon runs as root.
     allowed_roots: tuple = ()
@@ -54,11 +58,19 @@ class Config:
             self.socket_dir, HANDOFF_SOCKET_NAME)
 
 
+# uid_t and gid_t are 32 bits; (uid_t)-1 means "unchanged" to chown(2).
+MAX_ID = 2 ** 32 - 2
+# gRPC message sizes are C ints.
+MAX_MESSAGE_SIZE = 2 ** 31 - 1
+
+
 def _string(key, value):
     if not isinstance(value, str):
         raise ConfigError(f"{key}: expected a string, got {value!r}")
     if not value:
         raise ConfigError(f"{key}: expected a non-empty string")
+    if "\0" in value:
+        raise ConfigError(f"{key}: contains a NUL character")
     return value
 
 
@@ -71,8 +83,10 @@ def _path(key, value):
 
 def _id(key, value):
     # bool is an int in Python; `uid = true` is a mistake, not uid 1.
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise ConfigError(f"{key}: expected a non-negative integer, got {value!r}")
+    if (isinstance(value, bool) or not isinstance(value, int)
+            or not 0 <= value <= MAX_ID):
+        raise ConfigError(f"{key}: expected an integer from 0 to {MAX_ID}, "
+                          f"got {value!r}")
     return value
 
 
@@ -82,9 +96,19 @@ def _positive_int(key, value):
     return value
 
 
+def _message_size(key, value):
+    if (isinstance(value, bool) or not isinstance(value, int)
+            or not 1 <= value <= MAX_MESSAGE_SIZE):
+        raise ConfigError(f"{key}: expected a size from 1 to {MAX_MESSAGE_SIZE} "
+                          f"bytes, got {value!r}")
+    return value
+
+
 def _seconds(key, value):
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
-        raise ConfigError(f"{key}: expected a positive number of seconds, "
+    # nan passes every comparison test as false, and inf never ends a wait.
+    if (isinstance(value, bool) or not isinstance(value, (int, float))
+            or not math.isfinite(value) or value <= 0):
+        raise ConfigError(f"{key}: expected a finite positive number of seconds, "
                           f"got {value!r}")
     return float(value)
 
@@ -109,8 +133,8 @@ def _ids(key, value):
 _GRPC_SHARED = {
     "uid": ("uid", _id),
     "gid": ("gid", _id),
-    "max_recv_message_size": ("max_recv_message_size", _positive_int),
-    "max_send_message_size": ("max_send_message_size", _positive_int),
+    "max_recv_message_size": ("max_recv_message_size", _message_size),
+    "max_send_message_size": ("max_send_message_size", _message_size),
 }
 _SCHEMA = {
     "": {
@@ -126,12 +150,17 @@ _SCHEMA = {
         "allowed_gids": ("allowed_gids", _ids),
         "timeout": ("timeout", _seconds),
         "idle_timeout": ("idle_timeout", _seconds),
+        "max_connections": ("max_connections", _positive_int),
+        "max_connections_per_uid": ("max_connections_per_uid", _positive_int),
     },
     "pool": {
         "max_total": ("max_total", _positive_int),
         "max_per_identity": ("max_per_identity", _positive_int),
     },
-    "legacy": {"accept_timeout": ("legacy_accept_timeout", _seconds)},
+    "legacy": {
+        "accept_timeout": ("legacy_accept_timeout", _seconds),
+        "max_pending": ("legacy_max_pending", _positive_int),
+    },
     "bundle": {"allowed_roots": ("allowed_roots", _paths)},
 }
 
@@ -151,7 +180,11 @@ def parse(data):
             _parse_key("", name, value, values)
         else:
             raise ConfigError(f"{name}: unknown key")
-    return Config(**values)
+    cfg = Config(**values)
+    if os.path.normpath(cfg.handoff_path) == os.path.normpath(cfg.grpc_address):
+        raise ConfigError(f"handoff.address: {cfg.handoff_path} is the gRPC "
+                          "socket's address too")
+    return cfg
 
 
 def _parse_table(table, data, values):
@@ -188,6 +221,8 @@ def load(path=None):
         raise ConfigError(f"cannot read config file {path}: {e.strerror}") from None
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"{path}: invalid TOML: {e}") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not UTF-8 (byte {e.start})") from None
     try:
         return parse(data)
     except ConfigError as e:

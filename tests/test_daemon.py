@@ -48,14 +48,23 @@ def test_stale_socket_file_is_replaced(tmp_path):
         assert daemon.stop() == 0
 
 
-def test_bad_config_exits_with_one_line_naming_the_key(tmp_path):
+@pytest.mark.parametrize("text, message", [
+    (b"[grpc]\naddress = 3\n", "grpc.address: expected a string, got 3"),
+    (b"uid = 99999999999\n", "uid: expected an integer from 0 to"),
+    (b"max_recv_message_size = 99999999999\n", "max_recv_message_size: expected"),
+    (b"[handoff]\ntimeout = nan\n", "handoff.timeout: expected a finite"),
+    (b'root = "/srv/\xff"\n', "not UTF-8"),
+    (b'[grpc]\naddress = "/tmp/e.sock"\n[handoff]\naddress = "/tmp/e.sock"\n',
+     "handoff.address: /tmp/e.sock is the gRPC socket's address too"),
+])
+def test_bad_config_exits_with_one_line_naming_the_key(tmp_path, text, message):
     config = tmp_path / "config.toml"
-    config.write_text("[grpc]\naddress = 3\n")
+    config.write_bytes(text)
 
     result = run_epm("--config", str(config))
 
     assert result.returncode == 2
-    assert "grpc.address: expected a string, got 3" in result.stderr
+    assert message in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
     assert "Traceback" not in result.stderr
 
