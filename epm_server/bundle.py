@@ -23,7 +23,7 @@ import structlog
 from epm_server import safecopy
 from epm_server.enclave import subtype_from_request
 from epm_server.errors import (
-    AlreadyExists, FailedPrecondition, InvalidArgument, NotFound)
+    AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, shown)
 from epm_server.ids import validate_id
 from epm_server.records import Record
 
@@ -63,7 +63,7 @@ class BundleCaches:
         validate_id(cache_id)
         record = self._records.get(pool_type, cache_id)
         if record is None or (subtype and record.subtype != subtype):
-            of = f" of subtype {subtype!r}" if subtype else ""
+            of = f" of subtype {shown(subtype, quoted=True)}" if subtype else ""
             raise NotFound(f"no {pool_type} cache {cache_id}{of}")
         return record
 
@@ -87,7 +87,7 @@ class BundleCaches:
         """Records whose fields equal every filter. Raises InvalidArgument."""
         unknown = sorted(set(filters) - set(PICK_KEYS))
         if unknown:
-            raise InvalidArgument(f"filters: unknown key {unknown[0]!r}; known: "
+            raise InvalidArgument(f"filters: unknown key {shown(unknown[0], quoted=True)}; known: "
                                   f"{', '.join(PICK_KEYS)}")
         return [r for r in self._records.list(pool_type, subtype)
                 if all(self._field(r, k) == v for k, v in filters.items())]

@@ -8,9 +8,12 @@ InvalidArgument naming the field and the bad value.
 import dataclasses
 
 from epm_api import v1alpha1_pb2 as pb
-from epm_server.errors import InvalidArgument
+from epm_server.errors import InvalidArgument, shown
 
 PAGE_SIZE = 4096
+# Page 0 is never mapped (vm.mmap_min_addr): an enclave that starts at 0 for
+# NULL-dereference protection has its first mapped page above it.
+MIN_ADDR = PAGE_SIZE
 MAX_LAYOUT_ENTRIES = 64
 MAX_SUBTYPE_LEN = 128
 BACKENDS = ("sim", "sgx")
@@ -75,7 +78,7 @@ def subtype_from_request(subtype, field="subtype"):
         raise InvalidArgument(
             f"{field}: {len(subtype)} characters, at most {MAX_SUBTYPE_LEN}")
     if not subtype.isprintable():
-        raise InvalidArgument(f"{field}: {subtype!r} has unprintable characters")
+        raise InvalidArgument(f"{field}: {shown(subtype, quoted=True)} has unprintable characters")
     return subtype
 
 
@@ -96,7 +99,7 @@ def identity_from_proto(msg, field="identity"):
     if msg.backend not in BACKENDS:
         raise InvalidArgument(
             f"{field}.backend: expected one of {', '.join(BACKENDS)}, "
-            f"got {msg.backend!r}")
+            f"got {shown(msg.backend, quoted=True)}")
     return Identity(mrenclave=bytes(msg.mrenclave), mrsigner=bytes(msg.mrsigner),
                     attributes=msg.attributes, xfrm=msg.xfrm, size=msg.size,
                     backend=msg.backend)
@@ -106,7 +109,8 @@ def layout_from_proto(msg, field="enclave"):
     """Return the layout of an ``Enclave`` message as a tuple of LayoutEntry.
 
     Raises InvalidArgument unless there are 1..64 page-aligned, non-empty,
-    non-overlapping ranges below 2**64, and ``nr`` (when set) counts them.
+    non-overlapping ranges from page 1 to 2**64, and ``nr`` (when set)
+    counts them.
     """
     count = len(msg.layout)
     if msg.nr and msg.nr != count:
@@ -123,6 +127,9 @@ def layout_from_proto(msg, field="enclave"):
                                   f"{item.size:#x} must be page-aligned")
         if item.size == 0:
             raise InvalidArgument(f"{name}.size: must not be 0")
+        if item.addr < MIN_ADDR:
+            raise InvalidArgument(f"{name}.addr: {item.addr:#x} is below "
+                                  f"{MIN_ADDR:#x}; page 0 is never mapped")
         if item.addr + item.size > 2 ** 64:
             raise InvalidArgument(f"{name}: addr {item.addr:#x} + size "
                                   f"{item.size:#x} wraps past 2**64")
@@ -136,3 +143,21 @@ def layout_from_proto(msg, field="enclave"):
             raise InvalidArgument(f"{field}.layout: ranges at {before.addr:#x} and "
                                   f"{after.addr:#x} overlap")
     return tuple(layout)
+
+
+def check_layout_fits(layout, size, field="enclave.layout"):
+    """Check that every range of ``layout`` lies in one enclave of ``size`` bytes.
+
+    The enclave is naturally aligned (SGX requires a base that is a multiple
+    of its power-of-two size), so the window is ``[base, base + size)`` with
+    ``base`` the first range's address rounded down to ``size``. A consumer
+    maps each range of the fd: one outside the window would map memory the
+    enclave does not have, or over the consumer's own. Raises
+    InvalidArgument naming the range.
+    """
+    base = layout[0].addr - layout[0].addr % size
+    for i, item in enumerate(layout):
+        if item.addr < base or item.addr + item.size > base + size:
+            raise InvalidArgument(
+                f"{field}[{i}]: {item.addr:#x} + {item.size:#x} lies outside the "
+                f"enclave's {size:#x} bytes at {base:#x}")

@@ -56,3 +56,19 @@ class Unavailable(EpmError):
 
 class ConfigError(Exception):
     """The configuration file is missing, unreadable or has a bad key."""
+
+
+# A message travels back as gRPC metadata, which has a size limit: echoing a
+# megabyte a client sent would turn our answer into RESOURCE_EXHAUSTED.
+SHOWN_LIMIT = 80
+
+
+def shown(value, quoted=False, limit=SHOWN_LIMIT):
+    """Return a client's ``value`` for a message, cut after ``limit`` characters.
+
+    A cut value ends with ``...(N chars)``, N its full length; ``quoted``
+    puts what is shown in Python quotes, as ``!r`` would.
+    """
+    text = str(value)
+    head = repr(text[:limit]) if quoted else text[:limit]
+    return head if len(text) <= limit else f"{head}...({len(text)} chars)"

@@ -6,8 +6,10 @@ memory and nothing else (a pipe, a socket, a writable file, fd 0 sent by
 mistake by rune's published client).
 """
 
+import ctypes
 import fcntl
 import os
+import platform
 import stat
 
 from epm_server.errors import InvalidArgument
@@ -28,6 +30,36 @@ _KINDS = (
     (stat.S_ISDIR, "a directory"),
     (stat.S_ISBLK, "a block device"),
 )
+
+
+# kcmp(2) KCMP_FILE: whether two descriptors refer to one open file.
+_SYS_KCMP = {"x86_64": 312, "aarch64": 272}.get(platform.machine())
+_KCMP_FILE = 0
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+def file_key(fd):
+    """Return ``(st_dev, st_ino, is_device)`` of ``fd`` for the pool's index.
+
+    Two memfds are the same memory exactly when their inodes are; every
+    enclave opened from /dev/sgx_enclave shares the device's inode, so for
+    a device the key only narrows the search and same_open_file decides.
+    """
+    st = os.fstat(fd)
+    return st.st_dev, st.st_ino, stat.S_ISCHR(st.st_mode)
+
+
+def same_open_file(fd, other):
+    """Return True when the daemon's ``fd`` and ``other`` are one open file.
+
+    Uses kcmp(2) on our own process; where it is missing or forbidden (a
+    seccomp profile), returns False: two check-ins of one enclave device fd
+    are then not told apart.
+    """
+    if _SYS_KCMP is None:
+        return False
+    pid = os.getpid()
+    return _libc.syscall(_SYS_KCMP, pid, pid, _KCMP_FILE, fd, other) == 0
 
 
 def describe(fd):

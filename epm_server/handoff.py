@@ -4,10 +4,15 @@ Each connection gets a thread and may carry many requests. Every frame read
 and write is bounded by ``timeout``, the wait between requests by
 ``idle_timeout``, and the number of connections by ``max_connections``, so a
 slow or hostile client costs one bounded thread and never stalls another.
+Connections are shared fairly: one uid holds at most ``max_per_uid`` of
+them, and a newcomer past either limit takes the place of the connection
+idle the longest (one waiting between requests, never one mid-frame).
 The pool's lock is never held across socket I/O: a check-out leases the
 entry, sends the fd unlocked, then hands it out or releases it.
 """
 
+import dataclasses
+import select
 import socket
 import threading
 import time
@@ -20,7 +25,8 @@ from epm_api import handoff_pb2
 from epm_server import fdcheck
 from epm_server.delivery import Delivery, wait_delivery
 from epm_server.enclave import (
-    enclave_proto, identity_from_proto, layout_from_proto, subtype_from_request)
+    check_layout_fits, enclave_proto, identity_from_proto, layout_from_proto,
+    subtype_from_request)
 from epm_server.errors import EpmError, InvalidArgument, PermissionDenied
 from epm_server.peers import peer_of
 from epm_server.pool import Owner
@@ -37,11 +43,21 @@ _REFUSAL_TIMEOUT = 0.5
 _ACCEPT_BACKOFF = 0.1
 
 
+@dataclasses.dataclass
+class _Connection:
+    """A served connection; ``idle_since`` is set while it waits for a request."""
+
+    peer: object
+    thread: threading.Thread
+    idle_since: float | None = None
+    evicted: bool = False
+
+
 class HandoffServer:
     """Serves the hand-off protocol on a Unix socket, one thread per connection."""
 
     def __init__(self, pool, reaper, path, policy, timeout, idle_timeout,
-                 uid=None, gid=None, max_connections=64):
+                 uid=None, gid=None, max_connections=64, max_per_uid=16):
         self._pool = pool
         self._reaper = reaper
         self.path = path
@@ -49,9 +65,12 @@ class HandoffServer:
         self._timeout = timeout
         self._idle_timeout = idle_timeout
         self._uid, self._gid = uid, gid
-        self._slots = threading.BoundedSemaphore(max_connections)
+        self._max_connections = max_connections
+        self._max_per_uid = max_per_uid
         self._lock = threading.Lock()
-        self._connections = {}  # socket -> thread
+        # socket -> _Connection; an evicted connection leaves at once, so its
+        # slot is free while its thread winds down.
+        self._connections = {}
         self._listener = None
         self._acceptor = None
         self._stopping = threading.Event()
@@ -88,8 +107,8 @@ class HandoffServer:
                 conn.shutdown(socket.SHUT_RD)
             except OSError:
                 pass
-        for thread in connections.values():
-            thread.join(self._timeout * 2 + 1)
+        for record in connections.values():
+            record.thread.join(self._timeout * 2 + 1)
 
     def _accept_loop(self):
         while True:
@@ -119,21 +138,61 @@ class HandoffServer:
             self._refuse(conn, PermissionDenied.code,
                          f"uid {peer.uid} may not use the enclave pool")
             return
-        if not self._slots.acquire(blocking=False):
-            log.warning("handoff_connections_exhausted", pid=peer.pid)
-            self._refuse(conn, _RESOURCE_EXHAUSTED, "too many connections")
-            return
         thread = threading.Thread(target=self._serve, args=(conn, peer),
                                   name=f"handoff-{peer.pid}", daemon=True)
         with self._lock:
-            self._connections[conn] = thread
+            refusal = self._make_room(peer)
+            if refusal is None:
+                self._connections[conn] = _Connection(peer, thread,
+                                                      time.monotonic())
+        if refusal is not None:
+            log.warning("handoff_connections_exhausted", pid=peer.pid,
+                        uid=peer.uid, reason=refusal)
+            self._refuse(conn, _RESOURCE_EXHAUSTED, refusal)
+            return
         try:
             thread.start()
         except BaseException:
             with self._lock:
                 del self._connections[conn]
-            self._slots.release()
             raise
+
+    def _make_room(self, peer):
+        """Evict one idle connection if ``peer`` has no room; return a refusal.
+
+        Past the per-uid share, the peer's own longest-idle connection goes;
+        with the table full, the longest-idle of all. Called with the lock
+        held; returns None when there is room, else why there is none.
+        """
+        mine = [(c, r) for c, r in self._connections.items()
+                if r.peer.uid == peer.uid]
+        if len(mine) >= self._max_per_uid:
+            if self._evict_idlest(mine):
+                return None
+            return (f"uid {peer.uid} has {len(mine)} connections busy, "
+                    f"at most {self._max_per_uid}")
+        if len(self._connections) >= self._max_connections:
+            if self._evict_idlest(self._connections.items()):
+                return None
+            return f"too many connections: {len(self._connections)} busy"
+        return None
+
+    def _evict_idlest(self, candidates):
+        idle = [(r.idle_since, c, r) for c, r in candidates
+                if r.idle_since is not None]
+        if not idle:
+            return False
+        since, conn, record = min(idle, key=lambda item: item[0])
+        record.evicted = True
+        del self._connections[conn]
+        # Wakes the thread's wait for a request; it sees the flag and closes.
+        try:
+            conn.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        log.info("handoff_connection_evicted", pid=record.peer.pid,
+                 uid=record.peer.uid, idle_s=round(time.monotonic() - since, 3))
+        return True
 
     def _refuse(self, conn, code, message):
         reply = handoff_pb2.HandoffReply(code=code, message=message)
@@ -153,17 +212,18 @@ class HandoffServer:
             log.exception("handoff_connection_failed", pid=peer.pid)
         finally:
             with self._lock:
-                del self._connections[conn]
+                self._connections.pop(conn, None)
             conn.close()
-            self._slots.release()
             log.debug("handoff_disconnected", pid=peer.pid)
 
     def _serve_one(self, conn, peer):
         """Read and answer one request; return False to close the connection."""
-        now = time.monotonic()
+        if not self._wait_request(conn):
+            # No reply: a client idle for long would read it as the answer to
+            # its next request. It sees the close and reconnects.
+            return False
         try:
-            frame = framing.recv_frame(conn, now + self._timeout,
-                                       now + self._idle_timeout)
+            frame = framing.recv_frame(conn, time.monotonic() + self._timeout)
         except framing.FrameTimeout:
             # No reply: a client idle for long would read it as the answer to
             # its next request. It sees the close and reconnects.
@@ -203,6 +263,24 @@ class HandoffServer:
             reply = handoff_pb2.HandoffReply(code=e.code, message=str(e))
         return self._send(conn, reply)
 
+    def _wait_request(self, conn):
+        """Wait idle for a request's first byte; False when timed out or evicted.
+
+        While waiting the connection may be evicted for a newcomer; once a
+        byte came it is busy and stays until its request is answered.
+        """
+        with self._lock:
+            record = self._connections.get(conn)
+            if record is None:
+                return False
+            record.idle_since = time.monotonic()
+        poller = select.poll()
+        poller.register(conn, select.POLLIN)
+        ready = poller.poll(self._idle_timeout * 1000)
+        with self._lock:
+            record.idle_since = None
+            return bool(ready) and not record.evicted
+
     def _refuse_frame(self, conn, peer, reason):
         log.info("handoff_bad_frame", reason=reason, pid=peer.pid)
         reply = handoff_pb2.HandoffReply(code=_INVALID_ARGUMENT, message=reason)
@@ -233,6 +311,7 @@ class HandoffServer:
             identity = identity_from_proto(msg.enclave.identity,
                                            "check_in.enclave.identity")
             layout = layout_from_proto(msg.enclave, "check_in.enclave")
+            check_layout_fits(layout, identity.size, "check_in.enclave.layout")
             fdcheck.check_enclave_fd(fds[0], identity)
             entry_id = self._pool.check_in(subtype, identity, layout, fds[0],
                                            Owner(pid=peer.pid, uid=peer.uid))

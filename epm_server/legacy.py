@@ -21,7 +21,8 @@ from epm_api import v1alpha1_pb2 as pb
 from epm_server import fdcheck
 from epm_server.delivery import Delivery, wait_delivery
 from epm_server.enclave import (
-    identity_from_proto, layout_from_proto, subtype_from_request)
+    check_layout_fits, identity_from_proto, layout_from_proto,
+    subtype_from_request)
 from epm_server.errors import (
     AlreadyExists, EpmError, InvalidArgument, PermissionDenied, Unavailable)
 from epm_server.ids import validate_id
@@ -75,6 +76,7 @@ class LegacyHandoff:
         identity = None
         if enclave.HasField("identity"):
             identity = identity_from_proto(enclave.identity, "options.identity")
+            check_layout_fits(layout, identity.size, "options.layout")
         if self._stopping.is_set():
             raise Unavailable("the daemon is shutting down")
         path = os.path.join(self._dir, cache_id)
@@ -93,7 +95,8 @@ class LegacyHandoff:
                 raise AlreadyExists(f"ID: {path} exists already") from None
             raise Unavailable(f"cannot listen on {path}: {e.strerror}") from None
         thread = threading.Thread(target=self._receive,
-                                  args=(cache_id, identity, listener, path),
+                                  args=(cache_id, identity, layout, listener,
+                                        path),
                                   name=f"legacy-{cache_id}", daemon=True)
         with self._lock:
             self._waiters.add(thread)
@@ -162,7 +165,7 @@ class LegacyHandoff:
             self._busy_ids.discard(cache_id)
             self._idle.notify_all()
 
-    def _receive(self, cache_id, identity, listener, path):
+    def _receive(self, cache_id, identity, layout, listener, path):
         fd = None
         try:
             try:
@@ -177,6 +180,8 @@ class LegacyHandoff:
                     raise PermissionDenied(f"uid {peer.uid} may not check in")
                 fd = self._recv_fd(conn)
                 fdcheck.check_enclave_fd(fd, identity)
+                if identity is None:
+                    _check_layout_fits_fd(layout, fd)
                 self._pool.receive_fd(cache_id, fd, Owner(pid=peer.pid, uid=peer.uid))
                 fd = None
         except (EpmError, OSError) as e:
@@ -299,3 +304,14 @@ class LegacyHandoff:
                 sock.close()
                 raise
             time.sleep(_CONNECT_RETRY)
+
+
+def _check_layout_fits_fd(layout, fd):
+    """A check-in without identity: the layout must fit the fd's own size.
+
+    A memfd's size is its enclave's; the enclave device reports none, and
+    there the layout goes unchecked.
+    """
+    size = os.fstat(fd).st_size
+    if size:
+        check_layout_fits(layout, size, "options.layout")

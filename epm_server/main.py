@@ -6,11 +6,13 @@ finish, pooled fds are closed and both sockets removed.
 """
 
 import argparse
+import errno
 import os
 import resource
 import signal
 import socket
 import sqlite3
+import stat
 import sys
 import threading
 
@@ -20,6 +22,7 @@ from epm_server import config, log
 from epm_server.bundle import BundleCaches
 from epm_server.errors import ConfigError
 from epm_server.handoff import HandoffServer
+from epm_server.ids import is_id
 from epm_server.legacy import LegacyHandoff
 from epm_server.peers import PeerPolicy
 from epm_server.pool import Pool
@@ -72,17 +75,20 @@ def run(cfg):
         signal.signal(signum, lambda *_: stop.set())
     for path in (cfg.grpc_address, cfg.handoff_path):
         _prepare_socket_path(path, cfg.uid, cfg.gid)
+    _remove_stale_legacy_sockets(cfg.socket_dir)
     records = _open_records(cfg)
     bundles = BundleCaches(cfg.root, records, AllowedRoots(
         cfg.allowed_roots, private=(cfg.root, cfg.db_path)))
-    pool = Pool(_pool_capacity(cfg), cfg.max_per_identity)
+    pool = Pool(_pool_capacity(cfg), cfg.max_per_identity, cfg.legacy_max_pending)
     policy = PeerPolicy(cfg.allowed_uids, cfg.allowed_gids, cfg.gid)
     legacy = LegacyHandoff(pool, cfg.socket_dir, policy,
                            accept_timeout=cfg.legacy_accept_timeout,
                            io_timeout=cfg.timeout)
     reaper = OwnerReaper(pool)
     handoff = HandoffServer(pool, reaper, cfg.handoff_path, policy, cfg.timeout,
-                            cfg.idle_timeout, uid=cfg.uid, gid=cfg.gid)
+                            cfg.idle_timeout, uid=cfg.uid, gid=cfg.gid,
+                            max_connections=cfg.max_connections,
+                            max_per_uid=cfg.max_connections_per_uid)
     server = None
     reaper.start()
     try:
@@ -184,6 +190,47 @@ def _prepare_socket_path(path, uid=None, gid=None):
     unlink_socket(path)
     if os.path.lexists(path):
         raise StartupError(f"{path} exists and is not a socket")
+
+
+def _remove_stale_legacy_sockets(directory):
+    """Remove per-ID legacy sockets that nobody listens on any more.
+
+    A daemon or client killed mid hand-off leaves ``<dir>/<ID>`` behind, and
+    every later SaveCache of that ID would fail with ALREADY_EXISTS. Only
+    sockets named like an ID whose connect is refused are removed: a live
+    listener (a client waiting for a check-out) is left alone.
+    """
+    try:
+        names = os.listdir(directory)
+    except OSError as e:
+        logger.warning("socket_dir_unreadable", path=directory, reason=e.strerror)
+        return
+    for name in names:
+        path = os.path.join(directory, name)
+        if not is_id(name) or not _is_refused_socket(path):
+            continue
+        try:
+            os.unlink(path)
+        except OSError as e:
+            logger.warning("stale_legacy_socket_kept", path=path, reason=e.strerror)
+            continue
+        logger.info("stale_legacy_socket_removed", path=path)
+
+
+def _is_refused_socket(path):
+    try:
+        if not stat.S_ISSOCK(os.lstat(path).st_mode):
+            return False
+    except OSError:
+        return False
+    with socket.socket(socket.AF_UNIX,
+                       socket.SOCK_STREAM | socket.SOCK_CLOEXEC) as probe:
+        probe.settimeout(1.0)
+        try:
+            probe.connect(path)
+        except OSError as e:
+            return e.errno == errno.ECONNREFUSED
+    return False
 
 
 def _notify_systemd(state):

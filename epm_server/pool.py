@@ -22,9 +22,10 @@ import uuid
 
 import structlog
 
+from epm_server import fdcheck
 from epm_server.errors import (
     AlreadyExists, FailedPrecondition, NotFound, PermissionDenied,
-    ResourceExhausted, Unavailable)
+    ResourceExhausted, Unavailable, shown)
 
 log = structlog.get_logger(__name__)
 
@@ -82,17 +83,27 @@ class Entry:
     state: State
     owner: Owner | None
     created: int
+    # "handoff" (our socket, owner watched) or "legacy" (published clients).
+    origin: str = "legacy"
 
 
 class Pool:
-    """The enclave-cache-pool: thread-safe, bounded in total and per identity."""
+    """The enclave-cache-pool: thread-safe, bounded in total and per identity.
 
-    def __init__(self, max_total, max_per_identity):
+    Pending entries (no fd yet) count against ``max_pending`` only, so that
+    check-ins that never come cannot fill the room of real enclaves.
+    """
+
+    def __init__(self, max_total, max_per_identity, max_pending=16):
         self._max_total = max_total
         self._max_per_identity = max_per_identity
+        self._max_pending = max_pending
         self._lock = threading.Lock()
         # Insertion order is creation order: the first match is the oldest.
         self._entries = {}
+        # (st_dev, st_ino) -> IDs of the entries whose fd is that file: one
+        # enclave checked in twice would go to two clients.
+        self._files = {}
         self._closed = False
 
     def __len__(self):
@@ -104,38 +115,55 @@ class Pool:
         with self._lock:
             return self._find(entry_id)
 
-    def check_in(self, subtype, identity, layout, fd, owner, entry_id=None):
+    def check_in(self, subtype, identity, layout, fd, owner, entry_id=None,
+                 origin="handoff"):
         """Add a held entry that owns ``fd``; return its ID.
 
         The pool owns ``fd`` only when this returns; on an error the caller
-        still does. Raises AlreadyExists, ResourceExhausted, Unavailable.
+        still does. Raises AlreadyExists (the ID, or ``fd``'s file, is in the
+        pool already), ResourceExhausted, Unavailable.
         """
-        return self._add(entry_id, subtype, identity, layout, fd, State.HELD, owner)
+        return self._add(entry_id, subtype, identity, layout, fd, State.HELD,
+                         owner, origin)
 
     def add_pending(self, entry_id, subtype, identity, layout):
         """Add a pending entry whose fd comes later (legacy SaveCache).
 
         Raises AlreadyExists, ResourceExhausted, Unavailable.
         """
-        self._add(entry_id, subtype, identity, layout, None, State.PENDING, None)
+        self._add(entry_id, subtype, identity, layout, None, State.PENDING, None,
+                  "legacy")
 
     def receive_fd(self, entry_id, fd, owner):
         """Make a pending entry held with ``fd``, which the pool then owns.
 
-        Raises NotFound, or FailedPrecondition naming the entry's state (the
-        caller still owns ``fd`` then).
-        """
-        with self._lock:
-            entry = self._transition(entry_id, "receive_fd")
-            self._entries[entry_id] = dataclasses.replace(entry, fd=fd, owner=owner)
-
-    def save_final(self, entry_id, uid=None):
-        """Make a held entry available; ``uid`` (when known) must own it or be 0.
-
-        Raises NotFound, PermissionDenied, FailedPrecondition naming the state.
+        Raises NotFound, FailedPrecondition naming the entry's state,
+        AlreadyExists (``fd``'s file is pooled already) or ResourceExhausted
+        (no room for one more enclave); the caller still owns ``fd`` then.
         """
         with self._lock:
             entry = self._find(entry_id)
+            if entry.state is State.PENDING:
+                self._check_room(entry.identity)
+            key = self._check_file(fd)
+            entry = self._transition(entry_id, "receive_fd")
+            self._entries[entry_id] = dataclasses.replace(entry, fd=fd, owner=owner)
+            self._files.setdefault(key[:2], set()).add(entry_id)
+
+    def save_final(self, entry_id, uid=None, legacy=False):
+        """Make a held entry available; ``uid`` (when known) must own it or be 0.
+
+        ``legacy`` says the call came over gRPC, which knows no caller: an
+        entry checked in over our hand-off socket has an owner, and only the
+        hand-off socket can tell that the owner asks. Raises NotFound,
+        PermissionDenied, FailedPrecondition naming the state or the socket.
+        """
+        with self._lock:
+            entry = self._find(entry_id)
+            if legacy and entry.origin == "handoff":
+                raise FailedPrecondition(
+                    f"enclave {entry_id} was checked in over the hand-off socket: "
+                    "save-final for it goes over the hand-off socket")
             if (uid is not None and uid != 0 and entry.owner is not None
                     and uid != entry.owner.uid):
                 raise PermissionDenied(f"enclave {entry_id} belongs to uid "
@@ -179,7 +207,7 @@ class Pool:
         with self._lock:
             entry = self._find(entry_id)
             if subtype and entry.subtype != subtype:
-                raise NotFound(f"no enclave {entry_id} of subtype {subtype!r}")
+                raise NotFound(f"no enclave {shown(entry_id)} of subtype {shown(subtype, quoted=True)}")
             self._transition(entry_id, "delete")
 
     def discard(self, entry_id):
@@ -210,37 +238,70 @@ class Pool:
         with self._lock:
             self._closed = True
             entries, self._entries = list(self._entries.values()), {}
+            self._files.clear()
             for entry in entries:
                 if entry.fd is not None:
                     os.close(entry.fd)
         log.debug("pool_closed", closed=len(entries))
 
-    def _add(self, entry_id, subtype, identity, layout, fd, state, owner):
+    def _add(self, entry_id, subtype, identity, layout, fd, state, owner, origin):
         with self._lock:
             if self._closed:
                 raise Unavailable("the daemon is shutting down")
             entry_id = entry_id or uuid.uuid4().hex
             if entry_id in self._entries:
                 raise AlreadyExists(f"enclave {entry_id} is already in the pool")
-            if len(self._entries) >= self._max_total:
-                raise ResourceExhausted(
-                    f"pool is full: {self._max_total} enclaves in total")
-            same = sum(1 for e in self._entries.values() if e.identity == identity)
-            if same >= self._max_per_identity:
-                raise ResourceExhausted(f"pool is full: {self._max_per_identity} "
-                                        "enclaves of this identity")
+            if state is State.PENDING:
+                pending = sum(1 for e in self._entries.values()
+                              if e.state is State.PENDING)
+                if pending >= self._max_pending:
+                    raise ResourceExhausted(f"{self._max_pending} legacy check-ins "
+                                            "are waiting for their fd already")
+            else:
+                self._check_room(identity)
+            key = self._check_file(fd) if fd is not None else None
             entry = Entry(id=entry_id, subtype=subtype, identity=identity,
                           layout=tuple(layout), fd=fd, state=state, owner=owner,
-                          created=int(time.time()))
+                          created=int(time.time()), origin=origin)
             self._entries[entry_id] = entry
+            if key is not None:
+                self._files.setdefault(key[:2], set()).add(entry_id)
         log.debug("enclave_state", state=state.value, id=entry_id, subtype=subtype)
         return entry_id
+
+    def _check_room(self, identity):
+        """Refuse one more enclave (an entry with an fd) past either limit."""
+        pooled = [e for e in self._entries.values() if e.state is not State.PENDING]
+        if len(pooled) >= self._max_total:
+            raise ResourceExhausted(
+                f"pool is full: {self._max_total} enclaves in total")
+        same = sum(1 for e in pooled if e.identity == identity)
+        if same >= self._max_per_identity:
+            raise ResourceExhausted(f"pool is full: {self._max_per_identity} "
+                                    "enclaves of this identity")
+
+    def _check_file(self, fd):
+        """Return ``fd``'s index key; refuse a file that is pooled already."""
+        key = fdcheck.file_key(fd)
+        for other in self._files.get(key[:2], ()):
+            other_fd = self._entries[other].fd
+            if not key[2] or fdcheck.same_open_file(fd, other_fd):
+                raise AlreadyExists(f"enclave fd: the same open file as enclave "
+                                    f"{other}, which is in the pool already")
+        return key
 
     def _find(self, entry_id):
         try:
             return self._entries[entry_id]
         except KeyError:
-            raise NotFound(f"no enclave {entry_id} in the pool") from None
+            raise NotFound(f"no enclave {shown(entry_id)} in the pool") from None
+
+    def _forget_file(self, entry):
+        key = fdcheck.file_key(entry.fd)[:2]
+        ids = self._files.get(key, set())
+        ids.discard(entry.id)
+        if not ids:
+            self._files.pop(key, None)
 
     def _transition(self, entry_id, operation):
         """The guard: apply ``operation`` or refuse it naming the state.
@@ -256,6 +317,7 @@ class Pool:
         if target in _GONE:
             del self._entries[entry_id]
             if entry.fd is not None:
+                self._forget_file(entry)
                 os.close(entry.fd)
         else:
             self._entries[entry_id] = entry

@@ -14,7 +14,7 @@ import errno
 import os
 import stat
 
-from epm_server.errors import InvalidArgument, NotFound, PermissionDenied
+from epm_server.errors import InvalidArgument, NotFound, PermissionDenied, shown
 
 _DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 # O_NONBLOCK: a fifo swapped in after the lstat must not block the open.
@@ -56,23 +56,23 @@ class AllowedRoots:
         NotFound.
         """
         if not path or not os.path.isabs(path):
-            raise InvalidArgument(f"{field}: expected an absolute path, got {path!r}")
+            raise InvalidArgument(f"{field}: expected an absolute path, got {shown(path, quoted=True)}")
         parts = [p for p in path.split("/") if p and p != "."]
         if ".." in parts:
-            raise InvalidArgument(f"{field}: {path!r} has a '..' component")
+            raise InvalidArgument(f"{field}: {shown(path, quoted=True)} has a '..' component")
         clean = "/" + "/".join(parts)
         for private in self.private:
             if _under(clean, private) or _under(private, clean) or clean == private:
-                raise PermissionDenied(f"{field}: {path} overlaps the daemon's own "
+                raise PermissionDenied(f"{field}: {shown(path)} overlaps the daemon's own "
                                        f"data ({private})")
         for root in self.roots:
             rest = _under(clean, root)
             if rest:
                 return self._walk(root, rest, path, field)
         if not self.roots:
-            raise PermissionDenied(f"{field}: {path} is refused: no allowed roots "
+            raise PermissionDenied(f"{field}: {shown(path)} is refused: no allowed roots "
                                    "are configured ([bundle] allowed_roots)")
-        raise PermissionDenied(f"{field}: {path} is not under an allowed root "
+        raise PermissionDenied(f"{field}: {shown(path)} is not under an allowed root "
                                f"({', '.join(self.roots)})")
 
     def _walk(self, root, rest, path, field):
@@ -82,10 +82,10 @@ class AllowedRoots:
                 try:
                     child = os.open(name, _DIR, dir_fd=fd)
                 except FileNotFoundError:
-                    raise NotFound(f"{field}: {path} does not exist") from None
+                    raise NotFound(f"{field}: {shown(path)} does not exist") from None
                 except OSError as e:
                     if e.errno in (errno.ELOOP, errno.ENOTDIR):
-                        raise PermissionDenied(f"{field}: {path} passes through a "
+                        raise PermissionDenied(f"{field}: {shown(path)} passes through a "
                                                "symlink or a non-directory") from None
                     raise
                 os.close(fd)

@@ -15,7 +15,7 @@ from epm_api import v1alpha1_pb2 as pb
 from epm_api import v1alpha1_pb2_grpc as pb_grpc
 from epm_server.bundle import BUNDLE_TYPES
 from epm_server.enclave import enclave_proto
-from epm_server.errors import EpmError, InvalidArgument
+from epm_server.errors import EpmError, InvalidArgument, shown
 from epm_server.ids import validate_id
 from epm_server.pool import State
 
@@ -50,7 +50,7 @@ def _is_bundle(pool_type, field="type"):
         return False
     if pool_type in BUNDLE_POOLS:
         return True
-    raise InvalidArgument(f"{field}: unknown pool type {pool_type!r}; known: "
+    raise InvalidArgument(f"{field}: unknown pool type {shown(pool_type, quoted=True)}; known: "
                           f"{ENCLAVE_POOL}, {', '.join(BUNDLE_TYPES)}")
 
 
@@ -134,7 +134,7 @@ class EnclavePoolService(pb_grpc.EnclavePoolManagerServicer):
                 bundle_cache_of(self._bundles, r) for r in records])
         unknown = sorted(set(request.filters) - set(PICK_FILTERS))
         if unknown:
-            raise InvalidArgument(f"filters: unknown key {unknown[0]!r}; known: "
+            raise InvalidArgument(f"filters: unknown key {shown(unknown[0], quoted=True)}; known: "
                                   f"{', '.join(PICK_FILTERS)}")
         entries = self._pool.entries(subtype=request.subType,
                                      states={State.AVAILABLE})
@@ -188,8 +188,8 @@ class EnclavePoolService(pb_grpc.EnclavePoolManagerServicer):
         validate_id(cache.ID)
         if cache.subType and self._pool.get(cache.ID).subtype != cache.subType:
             raise InvalidArgument(f"subType: enclave {cache.ID} is not of subtype "
-                                  f"{cache.subType!r}")
-        self._pool.save_final(cache.ID)
+                                  f"{shown(cache.subType, quoted=True)}")
+        self._pool.save_final(cache.ID, legacy=True)
         return pb.SaveCacheResponse(ok=True)
 
     @_adapt
