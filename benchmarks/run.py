@@ -390,13 +390,33 @@ def main():
     parser.add_argument("--quick", action="store_true", help="fewer runs")
     parser.add_argument("--tiny", action="store_true",
                         help="a few runs of everything, to check the suite")
+    parser.add_argument("--cold-only", type=int, metavar="RUNS",
+                        help="only the cold launch, RUNS times; print, write nothing")
     args = parser.parse_args()
     structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(40))
+    if args.cold_only:
+        print(json.dumps(cold_only(args.images, args.cold_only), indent=2))
+        return
     scale = "tiny" if args.tiny else "quick" if args.quick else "full"
     results = run(args.images, scale)
     args.out.write_text(json.dumps(results, indent=2) + "\n")
     write_markdown(results, args.table)
     print_table(results)
+
+
+def cold_only(images, runs):
+    """The cold-launch figures alone, for measuring a change to the PAL."""
+    with tempfile.TemporaryDirectory(prefix="epm-bench-") as tmp:
+        tmp = pathlib.Path(tmp)
+        (tmp / "main").mkdir()
+        daemon = Daemon(tmp / "main").start()
+        try:
+            total, dlopen = cold_launches(images, daemon, tmp, runs)
+        finally:
+            daemon.stop()
+    return {"launch_cold_pool_ms": median(total),
+            "launch_cold_pool_ms_p99": p99(total),
+            "launch_cold_dlopen_ms": median(dlopen), "runs": runs}
 
 
 def run(images, scale):

@@ -9,7 +9,7 @@ that starts for every container, where importing grpc alone would cost about
 """
 
 import array
-import dataclasses
+import collections
 import errno
 import os
 import socket
@@ -40,27 +40,38 @@ def default_socket():
     return os.environ.get("EPM_SOCKET") or DEFAULT_SOCKET
 
 
-@dataclasses.dataclass
 class CheckedOut:
-    """An enclave checked out of the pool; the caller owns ``fd``."""
+    """An enclave checked out of the pool; the caller owns ``fd``.
 
-    fd: int
-    layout: list
-    identity: Identity
-    pool_id: str
+    A plain class, not a dataclass: see ``epm_client.types``.
+    """
+
+    __slots__ = ("fd", "layout", "identity", "pool_id")
+
+    def __init__(self, fd, layout, identity, pool_id):
+        self.fd = fd
+        self.layout = layout
+        self.identity = identity
+        self.pool_id = pool_id
+
+    def __repr__(self):
+        return (f"CheckedOut(fd={self.fd!r}, layout={self.layout!r}, "
+                f"identity={self.identity!r}, pool_id={self.pool_id!r})")
+
+    def __eq__(self, other):
+        if other.__class__ is not self.__class__:
+            return NotImplemented
+        return ((self.fd, self.layout, self.identity, self.pool_id)
+                == (other.fd, other.layout, other.identity, other.pool_id))
+
+    __hash__ = None  # mutable, so not hashable
 
 
-@dataclasses.dataclass(frozen=True)
-class PoolEntry:
-    """One entry of a pool, as ListCache reports it."""
+class PoolEntry(collections.namedtuple(
+        "PoolEntry", "type subtype id state created layout identity")):
+    """One entry of a pool, as ListCache reports it; ``identity`` may be None."""
 
-    type: str
-    subtype: str
-    id: str
-    state: str
-    created: int
-    layout: tuple
-    identity: Identity | None
+    __slots__ = ()
 
 
 class Client:

@@ -8,7 +8,6 @@ replace, an address this process already uses (DESIGN §3 and §5).
 
 import errno
 import os
-import random
 
 from skeleton.errors import BackendError, MappingConflict, SkeletonError
 from skeleton.native import ffi, libc as _libc
@@ -71,7 +70,10 @@ def reserve_aligned(size):
     flags = MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE
     low, high = ENCLAVE_ZONE
     for _ in range(_PLACEMENT_TRIES):
-        base = random.randrange(low // size, high // size) * size
+        # os.urandom rather than random: the PAL imports this module in
+        # every container, and random's import costs more than its use.
+        slots = high // size - low // size
+        base = (low // size + int.from_bytes(os.urandom(8), "little") % slots) * size
         try:
             got = _mmap(base, size, PROT_NONE, flags | MAP_FIXED_NOREPLACE)
         except OSError as e:

@@ -10,11 +10,10 @@ go through libffi to the functions of the process (libc, the vDSO).
 """
 
 import os
-import pathlib
 import sys
 
 MODULE = "skeleton._ffi"
-DEFAULT_OUT = pathlib.Path(__file__).resolve().parent / "_ffi.py"
+DEFAULT_OUT = os.path.join(os.path.dirname(os.path.realpath(__file__)), "_ffi.py")
 
 # libc for mapping enclaves (skeleton.enclave) and for the in-tree driver, whose
 # structures follow the kernel's uapi asm/sgx.h (skeleton.backends.sgx, checked
@@ -46,8 +45,8 @@ def build(out=DEFAULT_OUT):
     ffi = cffi.FFI()
     ffi.cdef(CDEF)
     ffi.set_source(MODULE, None)
-    out = pathlib.Path(out)
-    partial = out.with_name(out.name + ".partial")
+    out = os.fspath(out)
+    partial = out + ".partial"
     ffi.emit_python_code(str(partial))
     # The declarations go along, so that a module generated from other ones is
     # refused at import instead of failing later on a missing type.

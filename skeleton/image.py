@@ -1,8 +1,8 @@
 """Reading a signed skeleton image: ``encl.bin`` and its SIGSTRUCT ``encl.ss``."""
 
-import dataclasses
+import collections
 import hashlib
-import pathlib
+import os
 
 from epm_client.types import Identity
 from skeleton.errors import ImageError
@@ -18,15 +18,14 @@ SIGSTRUCT_NAME = "encl.ss"
 MIN_IMAGE_PAGES = 2
 
 
-@dataclasses.dataclass(frozen=True)
-class EnclaveImage:
+# data: the page-rounded encl.bin, metadata record included; metadata and
+# sigstruct: structs.METADATA and structs.SIGSTRUCT records. A named tuple, not
+# a dataclass, because the PAL imports it in every container it starts.
+class EnclaveImage(collections.namedtuple(
+        "EnclaveImage", "data metadata sigstruct sigstruct_bytes geometry")):
     """An image as signed: its pages, metadata, SIGSTRUCT and enclave geometry."""
 
-    data: bytes            # page-rounded encl.bin, metadata record included
-    metadata: tuple        # structs.METADATA record
-    sigstruct: tuple       # structs.SIGSTRUCT record
-    sigstruct_bytes: bytes
-    geometry: Geometry
+    __slots__ = ()
 
     @property
     def encl_offset(self):
@@ -68,7 +67,7 @@ class EnclaveImage:
 
 def read_pages(path):
     """The bytes of an image file rounded up to whole pages; raises ImageError."""
-    path = pathlib.Path(path)
+    path = os.fspath(path)
     data = _read(path)
     if len(data) <= (MIN_IMAGE_PAGES - 1) * PAGE_SIZE:
         raise ImageError(f"{path}: {len(data)} bytes is too small for a TCS page "
@@ -82,9 +81,8 @@ def load_image(directory):
     Returns an EnclaveImage; raises ImageError naming the file that is missing
     or malformed.
     """
-    directory = pathlib.Path(directory)
-    image_path = directory / IMAGE_NAME
-    sigstruct_path = directory / SIGSTRUCT_NAME
+    image_path = os.path.join(directory, IMAGE_NAME)
+    sigstruct_path = os.path.join(directory, SIGSTRUCT_NAME)
     data = read_pages(image_path)
     raw = _read(sigstruct_path)
     if len(raw) != SIGSTRUCT.size:
@@ -133,7 +131,8 @@ def entry_record(data):
 def host_mmap_min_addr(path=MMAP_MIN_ADDR_PATH):
     """This host's ``vm.mmap_min_addr``; raises ImageError when unreadable."""
     try:
-        return int(pathlib.Path(path).read_text().split()[0])
+        with open(path) as f:
+            return int(f.read().split()[0])
     except (OSError, ValueError, IndexError) as e:
         raise ImageError(f"cannot read vm.mmap_min_addr from {path}: {e}") from None
 
@@ -169,7 +168,8 @@ def check_host(image, mmap_min_addr=None):
 
 def _read(path):
     try:
-        return path.read_bytes()
+        with open(path, "rb") as f:
+            return f.read()
     except FileNotFoundError:
         raise ImageError(f"{path}: no such file") from None
     except OSError as e:

@@ -7,7 +7,7 @@ the published skeleton (DESIGN §5, "How the published skeleton lays an image ou
 """
 
 import array
-import dataclasses
+import collections
 import hashlib
 import struct
 
@@ -63,15 +63,15 @@ def round_up(value, to=PAGE_SIZE):
     return -(-value // to) * to
 
 
-@dataclasses.dataclass(frozen=True)
-class Geometry:
+# image_size: the page-rounded image, metadata page included; encl_offset:
+# where the image starts, from the enclave base; mmap_size: the measured bytes
+# from encl_offset; enclave_size: SECS.SIZE, a power of two. A named tuple, not
+# a dataclass, because the PAL imports it in every container it starts.
+class Geometry(collections.namedtuple(
+        "Geometry", "image_size encl_offset ssa_frame_pages mmap_size enclave_size")):
     """Where an image's pages go in the enclave, and how big the enclave is."""
 
-    image_size: int       # page-rounded image, metadata page included
-    encl_offset: int      # where the image starts, from the enclave base
-    ssa_frame_pages: int
-    mmap_size: int        # measured bytes from encl_offset
-    enclave_size: int     # SECS.SIZE, a power of two
+    __slots__ = ()
 
     @classmethod
     def compute(cls, image_size, metadata, xfrm, miscselect):

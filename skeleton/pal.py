@@ -16,7 +16,6 @@ import grpc (about 90 ms per container start) nor start its threads, which a
 forked workload would inherit.
 """
 
-import dataclasses
 import errno
 import os
 import signal
@@ -113,8 +112,8 @@ class Pal:
         if "debug" in flags:
             # A debug launch sets SECS.ATTRIBUTES.DEBUG, which is part of
             # what the pool matches: debug enclaves never serve others.
-            identity = dataclasses.replace(
-                identity, attributes=identity.attributes | ATTR_DEBUG)
+            identity = identity._replace(
+                attributes=identity.attributes | ATTR_DEBUG)
 
         if enclave_fd is not None:
             self.enclave = _host_enclave(image, oentry, identity, enclave_fd,

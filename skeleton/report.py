@@ -13,7 +13,6 @@ import functools
 import hashlib
 import hmac
 import os
-import pathlib
 
 from cryptography.hazmat.primitives import cmac
 from cryptography.hazmat.primitives.ciphers import algorithms
@@ -37,8 +36,8 @@ class ReportError(SkeletonError):
 def secret_dir(directory=None):
     """The directory of the simulated secret: the argument, $EPM_SIM_SECRET_DIR,
     or /var/lib/epm."""
-    return pathlib.Path(directory or os.environ.get(SECRET_DIR_ENV)
-                        or DEFAULT_SECRET_DIR)
+    return os.fspath(directory or os.environ.get(SECRET_DIR_ENV)
+                     or DEFAULT_SECRET_DIR)
 
 
 def load_secret(directory=None):
@@ -47,14 +46,14 @@ def load_secret(directory=None):
     Raises ReportError when it cannot be read or created, or when its file is
     readable by others (any reader could forge reports).
     """
-    return _load_secret(secret_dir(directory).resolve())
+    return _load_secret(os.path.realpath(secret_dir(directory)))
 
 
 @functools.cache
 def _load_secret(directory):
-    path = directory / SECRET_NAME
+    path = os.path.join(directory, SECRET_NAME)
     try:
-        directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+        os.makedirs(directory, mode=0o700, exist_ok=True)
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     except FileExistsError:
         pass

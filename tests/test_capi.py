@@ -251,3 +251,28 @@ print(sorted(m for m in sys.modules if m.split(".")[0] in ("grpc", "structlog"))
     out = subprocess.run([sys.executable, "-c", code], capture_output=True,
                          text=True, check=True, timeout=HOST_TIMEOUT_S, cwd=REPO)
     assert out.stdout.strip() == "[]", out.stderr
+
+
+def test_launches_after_load_import_nothing(tmp_path, images, daemon):
+    """rune calls pal_init after pivoting into the container, where nothing
+    of the host can be imported: what the library loads must cover a launch
+    from the pool, a built launch and a report, without a single import."""
+    code = f"""
+import sys
+from skeleton.capi import entry
+entry._preload()
+entry._configure_logging("info", at_load=True)
+from skeleton.pal import Pal, TARGETINFO_SIZE, REPORT_SIZE
+loaded = set(sys.modules)
+for args in ("sim epm-socket={daemon.grpc_socket}",) * 2 + ("sim no-epm",):
+    pal = Pal()
+    pal.init(args, image_dir="{images / '8'}")
+    print(pal.source)
+    pal.get_local_report(bytes(TARGETINFO_SIZE), REPORT_SIZE)
+    pal.destroy()
+print(sorted(set(sys.modules) - loaded))
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True,
+                         text=True, check=True, timeout=HOST_TIMEOUT_S, cwd=REPO)
+
+    assert out.stdout.split() == ["built", "pool", "built", "[]"], out.stderr

@@ -62,8 +62,8 @@ def test_second_process_maps_the_same_memory(image):
         probe = enclave.layout[1].addr + 3 * PAGE
         pattern = os.urandom(32)
         os.pwrite(enclave.fd, pattern, probe - enclave.base)
-        spec = {"layout": [vars(e) for e in enclave.layout], "probe": probe,
-                "identity": {**vars(enclave.identity), "mrenclave": "",
+        spec = {"layout": [e._asdict() for e in enclave.layout], "probe": probe,
+                "identity": {**enclave.identity._asdict(), "mrenclave": "",
                              "mrsigner": ""}}
         parent, child = socket.socketpair()
         with parent, child:

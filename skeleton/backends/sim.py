@@ -6,7 +6,6 @@ encrypted nor isolated from the host, which is why sim is only ever chosen
 explicitly.
 """
 
-import dataclasses
 import fcntl
 import os
 
@@ -72,8 +71,8 @@ def build(image, *, attributes=None, xfrm=None, debug=False, host_xcr0=None):
             LayoutEntry(start + PAGE_SIZE, geometry.mmap_size - PAGE_SIZE,
                         read=True, write=True, execute=True, share=True),
         ]
-        identity = dataclasses.replace(image.identity(BACKEND),
-                                       attributes=secs_attributes, xfrm=secs_xfrm)
+        identity = image.identity(BACKEND)._replace(
+            attributes=secs_attributes, xfrm=secs_xfrm)
         enclave = Enclave(fd, layout, identity, base=base,
                           reservation=reservation, sigstruct=image.sigstruct)
         enclave.map()

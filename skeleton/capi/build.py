@@ -10,6 +10,7 @@ checkout and its environment stay where they were at build time.
 """
 
 import argparse
+import compileall
 import os
 import pathlib
 import shutil
@@ -22,6 +23,11 @@ import cffi
 HERE = pathlib.Path(__file__).resolve().parent
 REPO = HERE.parent.parent
 VERSIONS = (1, 2, 3)
+# The packages the library imports from this checkout. Their bytecode is
+# written at build time: the library never writes it (a container start must
+# not write into the host's tree), and compiling them at every load would
+# cost several milliseconds a container.
+PACKAGES = ("skeleton", "epm_client", "epm_api")
 
 # What the Python side implements; glue.c declares the same functions static.
 CDEF = """
@@ -101,7 +107,15 @@ def build(version, out, path=None):
         built = ffi.compile(tmpdir=tmp, target=out.name, verbose=False)
         out.parent.mkdir(parents=True, exist_ok=True)
         shutil.move(built, out)
+    compile_packages()
     return out
+
+
+def compile_packages():
+    """Write the bytecode of the packages the library imports; returns True
+    when every module compiled."""
+    return all([compileall.compile_dir(str(REPO / package), quiet=1)
+                for package in PACKAGES])
 
 
 def main(argv=None):
