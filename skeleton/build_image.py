@@ -23,10 +23,10 @@ BODY = "encl_body"    # the C body, which sim calls (encl.c)
 # image runs wherever the enclave is mapped and nothing patches it at load time.
 # General registers only: the entry stub scrubs those before EEXIT, and no
 # vector register is left holding what the enclave copied.
-CFLAGS = ["-O2", "-fPIE", "-mgeneral-regs-only", "-fvisibility=hidden", "-nostdlib", "-ffreestanding",
-          "-fno-builtin", "-fno-stack-protector", "-fno-tree-loop-distribute-patterns",
-          "-fno-asynchronous-unwind-tables", "-static", "-no-pie",
-          "-Wall", "-Werror", "-Wl,--build-id=none"]
+CFLAGS = ["-O2", "-fPIE", "-mgeneral-regs-only", "-fvisibility=hidden",
+          "-nostdlib", "-ffreestanding", "-fno-builtin", "-fno-stack-protector",
+          "-fno-tree-loop-distribute-patterns", "-fno-asynchronous-unwind-tables",
+          "-static", "-no-pie", "-Wall", "-Werror", "-Wl,--build-id=none"]
 
 
 def _run(*cmd):
