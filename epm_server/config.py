@@ -4,11 +4,13 @@ Keys follow the published daemon (``root``, ``db_path``, ``db_timeout``,
 ``[grpc] address``, ``uid``, ``gid``, ``max_recv_message_size``,
 ``max_send_message_size``); the published file is containerd-shaped, so the
 last four are accepted at the top level and inside ``[grpc]``.
-``[handoff]``, ``[legacy]``, ``[pool]`` and ``[bundle]`` are ours. Every key
+``[handoff]``, ``[legacy]``, ``[pool]``, ``[bundle]``, ``[metrics]`` and
+``[[prewarm]]`` are ours. Every key
 is checked; an error names it.
 """
 
 import dataclasses
+import ipaddress
 import math
 import os
 import tomllib
@@ -17,6 +19,17 @@ from epm_server.errors import ConfigError
 
 DEFAULT_PATH = "/etc/epm/config.toml"
 HANDOFF_SOCKET_NAME = "epm-handoff.sock"
+
+
+@dataclasses.dataclass(frozen=True)
+class PrewarmSpec:
+    """One ``[[prewarm]]`` table: an image to keep ``count`` enclaves of."""
+
+    image: str
+    subtype: str
+    backend: str = "sim"
+    count: int = 0
+    recycle: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,6 +58,10 @@ class Config:
     # Empty: no client may name a source or target path until the operator
     # says where bundles live; the daemon runs as root.
     allowed_roots: tuple = ()
+    # (host, port) of the Prometheus endpoint; None serves no metrics.
+    metrics_address: tuple | None = None
+    metrics_allow_remote: bool = False
+    prewarm: tuple = ()
 
     @property
     def socket_dir(self):
@@ -113,6 +130,33 @@ def _seconds(key, value):
     return float(value)
 
 
+def _bool(key, value):
+    if not isinstance(value, bool):
+        raise ConfigError(f"{key}: expected true or false, got {value!r}")
+    return value
+
+
+def _host_port(key, value):
+    """``host:port`` (``[v6]:port`` for IPv6) -> (host, port); port 0 is any."""
+    value = _string(key, value)
+    host, sep, port = value.rpartition(":")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    if not sep or not host or not port.isdigit() or not 0 <= int(port) < 65536:
+        raise ConfigError(f"{key}: expected host:port, got {value!r}")
+    return host, int(port)
+
+
+def is_loopback(host):
+    """True for localhost and loopback addresses (127.0.0.0/8, ::1)."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
 def _paths(key, value):
     if not isinstance(value, list):
         raise ConfigError(f"{key}: expected a list of absolute paths, got {value!r}")
@@ -162,6 +206,10 @@ _SCHEMA = {
         "max_pending": ("legacy_max_pending", _positive_int),
     },
     "bundle": {"allowed_roots": ("allowed_roots", _paths)},
+    "metrics": {
+        "address": ("metrics_address", _host_port),
+        "allow_remote": ("metrics_allow_remote", _bool),
+    },
 }
 
 
@@ -172,7 +220,9 @@ def parse(data):
     """
     values = {}
     for name, value in data.items():
-        if name in _SCHEMA and name != "":
+        if name == "prewarm":
+            values["prewarm"] = _prewarm(value)
+        elif name in _SCHEMA and name != "":
             if not isinstance(value, dict):
                 raise ConfigError(f"{name}: expected a table, got {value!r}")
             _parse_table(name, value, values)
@@ -181,10 +231,56 @@ def parse(data):
         else:
             raise ConfigError(f"{name}: unknown key")
     cfg = Config(**values)
+    if (cfg.metrics_address is not None and not cfg.metrics_allow_remote
+            and not is_loopback(cfg.metrics_address[0])):
+        raise ConfigError(f"metrics.address: {cfg.metrics_address[0]} is not a "
+                          "loopback address; set metrics.allow_remote = true to "
+                          "serve metrics to other hosts")
     if os.path.normpath(cfg.handoff_path) == os.path.normpath(cfg.grpc_address):
         raise ConfigError(f"handoff.address: {cfg.handoff_path} is the gRPC "
                           "socket's address too")
     return cfg
+
+
+# The most a [[prewarm]] count may ask for; the pool's limits still apply.
+MAX_PREWARM = 4096
+BACKENDS = ("sim", "sgx")
+
+
+def _prewarm(value):
+    """The ``[[prewarm]]`` array of tables -> a tuple of PrewarmSpec."""
+    if not isinstance(value, list) or not all(isinstance(t, dict) for t in value):
+        raise ConfigError("prewarm: expected an array of tables ([[prewarm]])")
+    specs = []
+    for i, table in enumerate(value):
+        key = f"prewarm[{i}]"
+        unknown = sorted(set(table) - {"image", "subtype", "backend", "count",
+                                       "recycle"})
+        if unknown:
+            raise ConfigError(f"{key}.{unknown[0]}: unknown key")
+        for required in ("image", "subtype"):
+            if required not in table:
+                raise ConfigError(f"{key}.{required}: missing")
+        image = _path(f"{key}.image", table["image"])
+        subtype = _string(f"{key}.subtype", table["subtype"])
+        if len(subtype) > 128 or not subtype.isprintable():
+            raise ConfigError(f"{key}.subtype: expected 1 to 128 printable "
+                              f"characters, got {subtype!r}")
+        backend = table.get("backend", "sim")
+        if backend not in BACKENDS:
+            raise ConfigError(f"{key}.backend: expected one of "
+                              f"{', '.join(BACKENDS)}, got {backend!r}")
+        count = table.get("count", 0)
+        if (isinstance(count, bool) or not isinstance(count, int)
+                or not 0 <= count <= MAX_PREWARM):
+            raise ConfigError(f"{key}.count: expected an integer from 0 to "
+                              f"{MAX_PREWARM}, got {count!r}")
+        recycle = _bool(f"{key}.recycle", table.get("recycle", False))
+        if any(s.subtype == subtype for s in specs):
+            raise ConfigError(f"{key}.subtype: {subtype!r} is pre-warmed twice")
+        specs.append(PrewarmSpec(image=image, subtype=subtype, backend=backend,
+                                 count=count, recycle=recycle))
+    return tuple(specs)
 
 
 def _parse_table(table, data, values):

@@ -30,8 +30,10 @@ from epm_server.reaper import OwnerReaper
 from epm_server.reconcile import reconcile
 from epm_server.records import Records
 from epm_server.safecopy import AllowedRoots
-from epm_server.service import EnclavePoolService, serve
+from epm_server.metrics import Endpoint
+from epm_server.service import EnclavePoolService, RpcTimer, serve
 from epm_server.sockets import is_served, unlink_socket
+from epm_server import systemd
 
 logger = structlog.get_logger("epm")
 
@@ -89,22 +91,33 @@ def run(cfg):
                             cfg.idle_timeout, uid=cfg.uid, gid=cfg.gid,
                             max_connections=cfg.max_connections,
                             max_per_uid=cfg.max_connections_per_uid)
-    server = None
+    server = watchdog = endpoint = None
     reaper.start()
     try:
         handoff.start()
         server = serve(EnclavePoolService(pool, legacy, bundles), cfg.grpc_address,
                        cfg.max_recv_message_size, cfg.max_send_message_size,
-                       uid=cfg.uid, gid=cfg.gid)
+                       uid=cfg.uid, gid=cfg.gid, interceptors=[RpcTimer()])
+        if cfg.metrics_address is not None:
+            endpoint = Endpoint(*cfg.metrics_address, pool)
+            logger.info("metrics_started", host=cfg.metrics_address[0],
+                        port=endpoint.port)
         logger.info("epm_started", grpc=cfg.grpc_address, handoff=cfg.handoff_path,
                     pid=os.getpid())
-        _notify_systemd(b"READY=1")
+        _notify(b"READY=1\nSTATUS=serving")
+        watchdog = _start_watchdog(handoff, cfg.grpc_address)
         # A timed wait, so that the signal handler runs promptly.
         while not stop.wait(1.0):
             pass
         logger.info("epm_stopping")
-        _notify_systemd(b"STOPPING=1")
+        # Health checks see NOT_SERVING before any call is refused.
+        server.start_shutdown()
+        _notify(b"STOPPING=1\nSTATUS=stopping")
     finally:
+        if watchdog is not None:
+            watchdog.stop()
+        if endpoint is not None:
+            endpoint.stop()
         if server is not None:
             server.stop(_GRACE).wait()
         unlink_socket(cfg.grpc_address)
@@ -233,15 +246,51 @@ def _is_refused_socket(path):
     return False
 
 
-def _notify_systemd(state):
+def _notify(state):
     """Tell systemd (Type=notify) our state; a no-op outside systemd."""
-    address = os.environ.get("NOTIFY_SOCKET")
-    if not address:
-        return
-    if address.startswith("@"):
-        address = "\0" + address[1:]
-    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as s:
-        s.sendto(state, address)
+    try:
+        systemd.notify(state)
+    except OSError as e:
+        logger.warning("notify_failed", reason=str(e))
+
+
+def _accepting(handoff):
+    """True while the hand-off server's accept loop runs.
+
+    HandoffServer has no public way to say so yet (handoff.py belongs to
+    another change in flight); until it gains ``accepting()``, its thread is
+    looked at directly.
+    """
+    acceptor = getattr(handoff, "_acceptor", None)
+    return acceptor is not None and acceptor.is_alive()
+
+
+def _start_watchdog(handoff, grpc_address):
+    """Ping systemd's watchdog while both sockets serve; None when not asked."""
+    interval = systemd.watchdog_interval()
+    if interval is None:
+        return None
+    import grpc
+    from epm_api import v1alpha1_pb2 as pb
+    from epm_api import v1alpha1_pb2_grpc as pb_grpc
+    channel = grpc.insecure_channel(f"unix:{grpc_address}")
+    stub = pb_grpc.EnclavePoolManagerStub(channel)
+
+    def alive():
+        # The hand-off socket serves while its accept loop runs; the gRPC
+        # server serves when a call through its socket answers in time.
+        if not _accepting(handoff):
+            return False
+        try:
+            return stub.Healthz(pb.HealthzRequest(),
+                                timeout=min(interval, 5.0)).ok
+        except grpc.RpcError:
+            return False
+
+    watchdog = systemd.Watchdog(interval, alive)
+    watchdog.start()
+    logger.info("watchdog_started", interval_s=interval)
+    return watchdog
 
 
 if __name__ == "__main__":

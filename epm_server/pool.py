@@ -6,6 +6,7 @@ An entry's life (DESIGN section 4)::
     leased --hand_out--> handed out      (the daemon closed its copy)
     leased --release--> available        (the hand-off failed)
     available --delete--> deleted        (DeleteCache, flush)
+    held --retire--> deleted             (save-final where recycling is off)
     pending|held --discard--> discarded  (fd never came, owner gone)
 
 Entries in the last three states have left the pool and their fd is closed.
@@ -22,7 +23,7 @@ import uuid
 
 import structlog
 
-from epm_server import fdcheck
+from epm_server import fdcheck, metrics
 from epm_server.errors import (
     AlreadyExists, FailedPrecondition, NotFound, PermissionDenied,
     ResourceExhausted, Unavailable, shown)
@@ -55,6 +56,7 @@ _OPERATIONS = {
     "hand_out": ({State.LEASED}, State.HANDED_OUT),
     "release": ({State.LEASED}, State.AVAILABLE),
     "delete": ({State.AVAILABLE}, State.DELETED),
+    "retire": ({State.HELD}, State.DELETED),
     "discard": ({State.PENDING, State.HELD}, State.DISCARDED),
 }
 
@@ -83,7 +85,8 @@ class Entry:
     state: State
     owner: Owner | None
     created: int
-    # "handoff" (our socket, owner watched) or "legacy" (published clients).
+    # "handoff" (our socket, owner watched), "legacy" (published clients) or
+    # "prewarm" (built by the daemon, never used by a container).
     origin: str = "legacy"
 
 
@@ -94,8 +97,13 @@ class Pool:
     check-ins that never come cannot fill the room of real enclaves.
     """
 
-    def __init__(self, max_total, max_per_identity, max_pending=16):
+    def __init__(self, max_total, max_per_identity, max_pending=16,
+                 no_recycle=()):
         self._max_total = max_total
+        # Subtypes whose returned enclaves are closed at save-final: a
+        # recycled enclave carries its previous tenant's memory.
+        self._no_recycle = frozenset(no_recycle)
+        self._on_hand_out = []
         self._max_per_identity = max_per_identity
         self._max_pending = max_pending
         self._lock = threading.Lock()
@@ -105,6 +113,10 @@ class Pool:
         # enclave checked in twice would go to two clients.
         self._files = {}
         self._closed = False
+
+    def on_hand_out(self, callback):
+        """Call ``callback()`` (without the lock) after each hand-out."""
+        self._on_hand_out.append(callback)
 
     def __len__(self):
         with self._lock:
@@ -168,6 +180,11 @@ class Pool:
                     and uid != entry.owner.uid):
                 raise PermissionDenied(f"enclave {entry_id} belongs to uid "
                                        f"{entry.owner.uid}, not {uid}")
+            if entry.subtype in self._no_recycle and entry.origin != "prewarm":
+                self._transition(entry_id, "retire")
+                log.info("enclave_not_recycled", id=entry_id,
+                         subtype=entry.subtype)
+                return
             self._transition(entry_id, "save_final")
 
     def lease(self, subtype, identity):
@@ -180,8 +197,12 @@ class Pool:
             for entry in self._entries.values():
                 if (entry.state is State.AVAILABLE and entry.subtype == subtype
                         and (identity is ANY_IDENTITY or entry.identity == identity)):
-                    return self._transition(entry.id, "lease")
-        return None
+                    entry = self._transition(entry.id, "lease")
+                    break
+            else:
+                entry = None
+        metrics.checkout(subtype, hit=entry is not None)
+        return entry
 
     def hand_out(self, entry_id):
         """The leased fd reached its client: close the daemon's copy, drop it.
@@ -190,6 +211,8 @@ class Pool:
         """
         with self._lock:
             self._transition(entry_id, "hand_out")
+        for callback in self._on_hand_out:
+            callback()
 
     def release(self, entry_id):
         """The hand-off failed: make the leased entry available again.
@@ -197,7 +220,8 @@ class Pool:
         Raises NotFound, FailedPrecondition.
         """
         with self._lock:
-            self._transition(entry_id, "release")
+            entry = self._transition(entry_id, "release")
+        metrics.failed_handoff(entry.subtype)
 
     def delete(self, entry_id, subtype=""):
         """Close and drop an available entry (of ``subtype`` when given).

@@ -8,11 +8,15 @@ become gRPC status codes.
 import concurrent.futures
 import functools
 import os
+import time
 
 import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
 
 from epm_api import v1alpha1_pb2 as pb
 from epm_api import v1alpha1_pb2_grpc as pb_grpc
+from epm_server import metrics
 from epm_server.bundle import BUNDLE_TYPES
 from epm_server.enclave import enclave_proto
 from epm_server.errors import EpmError, InvalidArgument, shown
@@ -20,6 +24,7 @@ from epm_server.ids import validate_id
 from epm_server.pool import State
 
 ENCLAVE_POOL = "enclave-cache-pool"
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["EnclavePoolManager"].full_name
 BUNDLE_POOLS = frozenset(BUNDLE_TYPES)
 PICK_FILTERS = ("mrenclave", "mrsigner", "backend", "size")
 # A legacy check-out must have sent its fd before the client's deadline: the
@@ -37,6 +42,7 @@ def _adapt(method):
         try:
             return method(self, request, context)
         except EpmError as e:
+            metrics.refusal(e)
             context.abort(_STATUS[e.code], str(e))
     return call
 
@@ -217,18 +223,80 @@ def _cache_of_request(request):
     return request.cache
 
 
-def serve(service, path, max_recv, max_send, uid=None, gid=None, workers=8):
+class RpcTimer(grpc.ServerInterceptor):
+    """Times every unary gRPC call by method into ``epm_rpc_duration_seconds``.
+
+    Streaming calls (health Watch, reflection) are passed through: their
+    length is the client's, not the daemon's.
+    """
+
+    def intercept_service(self, continuation, handler_call_details):
+        handler = continuation(handler_call_details)
+        if handler is None or handler.unary_unary is None:
+            return handler
+        method = handler_call_details.method
+        behaviour = handler.unary_unary
+
+        def timed(request, context):
+            start = time.perf_counter()
+            try:
+                return behaviour(request, context)
+            finally:
+                metrics.rpc_duration(method, time.perf_counter() - start)
+
+        return grpc.unary_unary_rpc_method_handler(
+            timed, request_deserializer=handler.request_deserializer,
+            response_serializer=handler.response_serializer)
+
+
+class Server:
+    """A started gRPC server and the health status it reports."""
+
+    def __init__(self, server, health_servicer):
+        self._server = server
+        self._health = health_servicer
+
+    def start_shutdown(self):
+        """Report NOT_SERVING for every service from now on."""
+        self._health.enter_graceful_shutdown()
+
+    def stop(self, grace):
+        """Refuse new calls, let calls in flight run ``grace`` seconds.
+
+        Returns an event set when the server has stopped.
+        """
+        self.start_shutdown()
+        return self._server.stop(grace)
+
+
+def serve(service, path, max_recv, max_send, uid=None, gid=None, workers=8,
+          extra=(), interceptors=()):
     """Start a gRPC server for ``service`` on the Unix socket ``path``.
 
-    Returns the started server. Raises OSError when the socket cannot be
-    bound.
+    Besides ``v1alpha1.EnclavePoolManager`` it serves ``grpc.health.v1``
+    (SERVING for "" and each service until shutdown starts) and server
+    reflection. ``extra`` holds (add_to_server function, servicer, service
+    name) for more services. Returns a started Server. Raises OSError when
+    the socket cannot be bound.
     """
     server = grpc.server(
         concurrent.futures.ThreadPoolExecutor(max_workers=workers,
                                               thread_name_prefix="grpc"),
+        interceptors=list(interceptors),
         options=[("grpc.max_receive_message_length", max_recv),
                  ("grpc.max_send_message_length", max_send)])
     pb_grpc.add_EnclavePoolManagerServicer_to_server(service, server)
+    names = [SERVICE_NAME]
+    for add, servicer, name in extra:
+        add(servicer, server)
+        names.append(name)
+    # Non-blocking: a Watch stream holds no worker thread while it waits.
+    health_servicer = health.HealthServicer(experimental_non_blocking=True)
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    for name in ("", *names):
+        health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    reflection.enable_server_reflection(
+        (*names, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
     # grpc creates the socket itself: the umask keeps it 0660 from its first
     # moment, before the chmod that states it.
     old_umask = os.umask(0o117)
@@ -242,4 +310,4 @@ def serve(service, path, max_recv, max_send, uid=None, gid=None, workers=8):
     os.chmod(path, 0o660)
     if uid is not None or gid is not None:
         os.chown(path, -1 if uid is None else uid, -1 if gid is None else gid)
-    return server
+    return Server(server, health_servicer)

@@ -38,3 +38,7 @@ def test_unit_lets_the_daemon_open_the_sgx_devices():
     assert "DeviceAllow=/dev/sgx_enclave rw" in text
     assert "DeviceAllow=/dev/sgx_provision rw" in text
     assert "Type=notify" in text and "Restart=on-failure" in text
+
+
+def test_unit_asks_for_a_watchdog():
+    assert "WatchdogSec=30s" in UNIT.read_text()

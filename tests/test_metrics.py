@@ -1,0 +1,79 @@
+"""The Prometheus endpoint: opt-in, loopback, and what a scrape shows."""
+
+import urllib.request
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from epm_client import Client, errors
+from epm_server import config
+from epm_server.errors import ConfigError
+from test_client import identity, pooled
+
+SUBTYPE = "skeleton-0.0.0"
+
+
+def scrape(daemon):
+    [started] = daemon.events("metrics_started")
+    url = f"http://127.0.0.1:{started['port']}/metrics"
+    with urllib.request.urlopen(url, timeout=5) as reply:
+        text = reply.read().decode()
+    samples = {}
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            samples[(s.name, tuple(sorted(s.labels.items())))] = s.value
+    return samples
+
+
+def value(samples, name, **labels):
+    return samples.get((name, tuple(sorted(labels.items()))), 0.0)
+
+
+def test_scrape_counts_pool_check_outs_refusals_and_rpcs(make_daemon):
+    daemon = make_daemon('[metrics]\naddress = "127.0.0.1:0"\n')
+    with Client(daemon.grpc_socket) as client:
+        pooled(client, b"a")
+        pooled(client, b"b")
+        pooled(client, b"c", subtype="other")
+        checked_out = client.check_out(SUBTYPE, identity())
+        missed = client.check_out("empty", identity())
+        with pytest.raises(errors.EpmError):
+            client.delete("no-such-id")
+        client.list()
+
+    samples = scrape(daemon)
+
+    assert checked_out is not None and missed is None
+    assert value(samples, "epm_pool_enclaves", subtype=SUBTYPE,
+                 state="available") == 1
+    assert value(samples, "epm_pool_enclaves", subtype="other",
+                 state="available") == 1
+    assert value(samples, "epm_checkouts_total", subtype=SUBTYPE,
+                 result="hit") == 1
+    assert value(samples, "epm_checkouts_total", subtype="empty",
+                 result="miss") == 1
+    assert value(samples, "epm_refusals_total", reason="not_found") == 1
+    count = value(samples, "epm_rpc_duration_seconds_count",
+                  method="/v1alpha1.EnclavePoolManager/ListCache")
+    assert count >= 1
+
+
+def test_metrics_are_off_by_default(daemon):
+    assert daemon.events("metrics_started") == []
+
+
+def test_a_remote_address_needs_allow_remote():
+    with pytest.raises(ConfigError, match="metrics.address: 0.0.0.0 is not a "
+                                          "loopback address"):
+        config.parse({"metrics": {"address": "0.0.0.0:9464"}})
+    cfg = config.parse({"metrics": {"address": "0.0.0.0:9464",
+                                    "allow_remote": True}})
+    assert cfg.metrics_address == ("0.0.0.0", 9464)
+    assert config.parse({"metrics": {"address": "[::1]:1"}}).metrics_address == (
+        "::1", 1)
+
+
+@pytest.mark.parametrize("address", ["9464", "host:", ":9464", "h:70000", 5])
+def test_a_bad_metrics_address_is_named(address):
+    with pytest.raises(ConfigError, match="metrics.address"):
+        config.parse({"metrics": {"address": address}})
