@@ -26,6 +26,8 @@ from epm_server.ids import is_id
 from epm_server.legacy import LegacyHandoff
 from epm_server.peers import PeerPolicy
 from epm_server.pool import Pool
+from epm_server.prewarm import Prewarmer
+from epm_server.admin import extra_service
 from epm_server.reaper import OwnerReaper
 from epm_server.reconcile import reconcile
 from epm_server.records import Records
@@ -81,7 +83,10 @@ def run(cfg):
     records = _open_records(cfg)
     bundles = BundleCaches(cfg.root, records, AllowedRoots(
         cfg.allowed_roots, private=(cfg.root, cfg.db_path)))
-    pool = Pool(_pool_capacity(cfg), cfg.max_per_identity, cfg.legacy_max_pending)
+    pool = Pool(_pool_capacity(cfg), cfg.max_per_identity, cfg.legacy_max_pending,
+                no_recycle=[s.subtype for s in cfg.prewarm if not s.recycle])
+    prewarmer = Prewarmer(pool, cfg.prewarm)
+    pool.on_hand_out(prewarmer.wake)
     policy = PeerPolicy(cfg.allowed_uids, cfg.allowed_gids, cfg.gid)
     legacy = LegacyHandoff(pool, cfg.socket_dir, policy,
                            accept_timeout=cfg.legacy_accept_timeout,
@@ -97,7 +102,8 @@ def run(cfg):
         handoff.start()
         server = serve(EnclavePoolService(pool, legacy, bundles), cfg.grpc_address,
                        cfg.max_recv_message_size, cfg.max_send_message_size,
-                       uid=cfg.uid, gid=cfg.gid, interceptors=[RpcTimer()])
+                       uid=cfg.uid, gid=cfg.gid, interceptors=[RpcTimer()],
+                       extra=[extra_service(pool, prewarmer)])
         if cfg.metrics_address is not None:
             endpoint = Endpoint(*cfg.metrics_address, pool)
             logger.info("metrics_started", host=cfg.metrics_address[0],
@@ -105,6 +111,7 @@ def run(cfg):
         logger.info("epm_started", grpc=cfg.grpc_address, handoff=cfg.handoff_path,
                     pid=os.getpid())
         _notify(b"READY=1\nSTATUS=serving")
+        prewarmer.start()
         watchdog = _start_watchdog(handoff, cfg.grpc_address)
         # A timed wait, so that the signal handler runs promptly.
         while not stop.wait(1.0):
@@ -118,6 +125,7 @@ def run(cfg):
             watchdog.stop()
         if endpoint is not None:
             endpoint.stop()
+        prewarmer.stop()
         if server is not None:
             server.stop(_GRACE).wait()
         unlink_socket(cfg.grpc_address)

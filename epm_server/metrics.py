@@ -90,6 +90,20 @@ def build_failed(subtype):
     BUILD_FAILURES.labels(subtype).inc()
 
 
+def checkout_counts():
+    """subtype -> {"hit": n, "miss": n, "failed": n} since the daemon started."""
+    counts = {}
+    for family, label in ((CHECKOUTS, None), (FAILED_HANDOFFS, "failed")):
+        for metric in family.collect():
+            for sample in metric.samples:
+                if not sample.name.endswith("_total"):
+                    continue
+                key = label or sample.labels["result"]
+                by = counts.setdefault(sample.labels["subtype"], {})
+                by[key] = by.get(key, 0) + int(sample.value)
+    return counts
+
+
 class PoolCollector:
     """Pool sizes by subtype and state, read from the pool at scrape time."""
 

@@ -118,6 +118,11 @@ class Pool:
         """Call ``callback()`` (without the lock) after each hand-out."""
         self._on_hand_out.append(callback)
 
+    @property
+    def capacity(self):
+        """The most enclaves (entries with an fd) the pool holds at once."""
+        return self._max_total
+
     def __len__(self):
         with self._lock:
             return len(self._entries)

@@ -35,7 +35,7 @@ _REPLY_MARGIN = 0.1
 _STATUS = {status.value[0]: status for status in grpc.StatusCode}
 
 
-def _adapt(method):
+def adapt(method):
     """Turn an EpmError raised by ``method`` into an aborted gRPC call."""
     @functools.wraps(method)
     def call(self, request, context):
@@ -111,13 +111,13 @@ class EnclavePoolService(pb_grpc.EnclavePoolManagerServicer):
         self._legacy = legacy
         self._bundles = bundles
 
-    @_adapt
+    @adapt
     def Healthz(self, request, context):
         if request.type:
             _is_bundle(request.type)
         return pb.HealthzResponse(ok=True)
 
-    @_adapt
+    @adapt
     def ListCache(self, request, context):
         bundle = _is_bundle(request.type)
         if request.limit < 0:
@@ -131,7 +131,7 @@ class EnclavePoolService(pb_grpc.EnclavePoolManagerServicer):
                                      after=request.lastCacheID, limit=request.limit)
         return pb.ListCacheResponse(caches=[cache_of(e) for e in entries])
 
-    @_adapt
+    @adapt
     def PickCache(self, request, context):
         if _is_bundle(request.type):
             records = self._bundles.pick(request.type, request.subType,
@@ -147,7 +147,7 @@ class EnclavePoolService(pb_grpc.EnclavePoolManagerServicer):
         return pb.PickCacheResponse(caches=[
             cache_of(e) for e in entries if _matches(e, request.filters)])
 
-    @_adapt
+    @adapt
     def DeleteCache(self, request, context):
         if _is_bundle(request.type):
             self._bundles.delete(request.type, request.subType, request.ID)
@@ -157,7 +157,7 @@ class EnclavePoolService(pb_grpc.EnclavePoolManagerServicer):
         self._pool.delete(request.ID, subtype=request.subType)
         return pb.DeleteCacheResponse(ok=True)
 
-    @_adapt
+    @adapt
     def LoadCache(self, request, context):
         if _is_bundle(request.type):
             self._bundles.load(request.type, request.subType, request.ID,
@@ -166,7 +166,7 @@ class EnclavePoolService(pb_grpc.EnclavePoolManagerServicer):
         raise InvalidArgument("LoadCache: does not apply to the enclave pool "
                               "(its enclaves are fds, not files to load)")
 
-    @_adapt
+    @adapt
     def SaveCache(self, request, context):
         cache = _cache_of_request(request)
         if _is_bundle(cache.type, "cache.type"):
@@ -183,7 +183,7 @@ class EnclavePoolService(pb_grpc.EnclavePoolManagerServicer):
         self._legacy.save_cache(cache.ID, cache.subType, cache.options)
         return pb.SaveCacheResponse(ok=True)
 
-    @_adapt
+    @adapt
     def SaveFinalCache(self, request, context):
         cache = _cache_of_request(request)
         if _is_bundle(cache.type, "cache.type"):
@@ -198,7 +198,7 @@ class EnclavePoolService(pb_grpc.EnclavePoolManagerServicer):
         self._pool.save_final(cache.ID, legacy=True)
         return pb.SaveCacheResponse(ok=True)
 
-    @_adapt
+    @adapt
     def GetCache(self, request, context):
         if _is_bundle(request.type):
             record = self._bundles.get(request.type, request.subType, request.ID)

@@ -1,0 +1,85 @@
+"""Administration calls for epmctl: health, pool statistics, pre-warm targets.
+
+They go over the daemon's gRPC socket: ``grpc.health.v1`` and our own
+``epm.admin.v1.Admin`` (``proto/epm_api/admin.proto``). Failures raise the
+same exceptions as ``epm_client.Client``.
+"""
+
+import socket
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from epm_api import admin_pb2, admin_pb2_grpc
+from epm_client import errors
+from epm_client.client import (CONNECT_TIMEOUT_S, RPC_TIMEOUT_S, _unreachable,
+                               default_socket)
+
+SERVING = "SERVING"
+
+
+class AdminClient:
+    """A gRPC channel to one daemon's administration services."""
+
+    def __init__(self, socket_path=None):
+        self.socket_path = str(socket_path or default_socket())
+        self._channel = None
+
+    def health(self, service=""):
+        """The daemon's health status name (SERVING, NOT_SERVING, ...).
+
+        Raises DaemonUnavailable when nothing answers.
+        """
+        stub = health_pb2_grpc.HealthStub(self._connect())
+        reply = self._call(stub.Check, health_pb2.HealthCheckRequest(
+            service=service))
+        return health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
+
+    def stats(self):
+        """The ``GetStatsResponse``: per-subtype states, hits and misses."""
+        stub = admin_pb2_grpc.AdminStub(self._connect())
+        return self._call(stub.GetStats, admin_pb2.GetStatsRequest())
+
+    def prewarm(self):
+        """The pre-warmed pools: a list of ``PrewarmPool`` messages."""
+        stub = admin_pb2_grpc.AdminStub(self._connect())
+        return list(self._call(stub.GetPrewarm,
+                               admin_pb2.GetPrewarmRequest()).pools)
+
+    def set_prewarm(self, subtype, count):
+        """Set ``subtype``'s target to ``count``; return the pools as above."""
+        stub = admin_pb2_grpc.AdminStub(self._connect())
+        return list(self._call(stub.SetPrewarm, admin_pb2.SetPrewarmRequest(
+            subtype=subtype, count=count)).pools)
+
+    def close(self):
+        if self._channel is not None:
+            self._channel.close()
+            self._channel = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def _connect(self):
+        if self._channel is None:
+            # As in Client: a plain connect tells a missing, stale or
+            # forbidden socket apart, which gRPC reports alike.
+            probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            probe.settimeout(CONNECT_TIMEOUT_S)
+            try:
+                probe.connect(self.socket_path)
+            except OSError as e:
+                raise _unreachable(self.socket_path, e) from None
+            finally:
+                probe.close()
+            self._channel = grpc.insecure_channel(f"unix:{self.socket_path}")
+        return self._channel
+
+    def _call(self, method, request):
+        try:
+            return method(request, timeout=RPC_TIMEOUT_S)
+        except grpc.RpcError as e:
+            raise errors.from_rpc_error(e) from None
