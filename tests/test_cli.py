@@ -6,13 +6,15 @@ import subprocess
 import sys
 
 from epm_client import Client
-from test_client import pooled
+from test_client import identity, pooled
 
 
-def epmctl(socket, *args):
+def epmctl(socket, *args, input="", env=None):
+    prefix = [] if socket is None else ["--socket", str(socket)]
     return subprocess.run(
-        [sys.executable, "-m", "epm_client.cli", "--socket", str(socket), *args],
-        capture_output=True, text=True, timeout=60)
+        [sys.executable, "-m", "epm_client.cli", *prefix, *args],
+        capture_output=True, text=True, timeout=60, input=input,
+        env=None if env is None else {**os.environ, **env})
 
 
 def test_list_shows_a_table(daemon):
@@ -46,13 +48,13 @@ def test_flush_empties_the_pool(daemon):
         assert (result.returncode, result.stdout) == (
             0, "flushed 1 enclave of subtype other\n")
         assert [e.subtype for e in client.list()] == ["skeleton-0.0.0"]
-        result = epmctl(daemon.grpc_socket, "flush")
+        result = epmctl(daemon.grpc_socket, "flush", "--yes")
         assert (result.returncode, result.stdout) == (0, "flushed 1 enclave\n")
         assert client.list() == []
 
 
 def test_daemon_down_prints_one_line_and_fails(tmp_path):
-    for command in (["list"], ["flush"]):
+    for command in (["list"], ["flush"], ["stats"], ["prewarm"]):
         result = epmctl(tmp_path / "epm.sock", *command)
         assert result.returncode != 0
         assert result.stdout == ""
@@ -86,3 +88,112 @@ def test_a_user_without_access_is_told_so(daemon):
     assert os.waitstatus_to_exitcode(status) == 1
     assert stderr.startswith("epmctl: permission denied on the epm socket")
     assert len(stderr.splitlines()) == 1
+
+
+def test_list_filters_by_state_and_subtype(daemon):
+    with Client(daemon.grpc_socket) as client:
+        pooled(client, b"x")
+        pooled(client, b"y", subtype="other")
+    result = epmctl(daemon.grpc_socket, "list", "--json", "--subtype", "other",
+                    "--state", "available")
+    assert [e["subtype"] for e in json.loads(result.stdout)] == ["other"]
+    result = epmctl(daemon.grpc_socket, "list", "--json", "--state", "held")
+    assert json.loads(result.stdout) == []
+
+
+def test_flush_of_everything_asks_first(daemon):
+    with Client(daemon.grpc_socket) as client:
+        pooled(client, b"x")
+        declined = epmctl(daemon.grpc_socket, "flush", input="n\n")
+        assert declined.returncode == 1
+        assert "Close 1 available enclave of every subtype?" in declined.stderr
+        assert declined.stderr.endswith(
+            "epmctl: flush not confirmed; nothing closed\n")
+        assert len(client.list()) == 1
+
+        confirmed = epmctl(daemon.grpc_socket, "flush", input="y\n")
+        assert (confirmed.returncode, confirmed.stdout) == (
+            0, "flushed 1 enclave\n")
+        assert client.list() == []
+
+
+def test_epm_socket_chooses_the_daemon(daemon):
+    result = epmctl(None, "list", env={"EPM_SOCKET": str(daemon.grpc_socket)})
+    assert (result.returncode, result.stdout) == (0, "ID  SUBTYPE  STATE  BACKEND"
+                                                  "  SIZE  MRENCLAVE  CREATED\n"
+                                                  "0 enclaves\n")
+
+
+def test_stats_counts_states_and_check_outs(daemon):
+    with Client(daemon.grpc_socket) as client:
+        pooled(client, b"x")
+        assert client.check_out("nothing-here", identity()) is None
+    result = epmctl(daemon.grpc_socket, "stats", "--json")
+    assert result.returncode == 0, result.stderr
+    stats = json.loads(result.stdout)
+    by = {s["subtype"]: s for s in stats["subtypes"]}
+    assert by["skeleton-0.0.0"]["states"] == {"available": 1}
+    assert by["nothing-here"]["misses"] == 1
+    table = epmctl(daemon.grpc_socket, "stats").stdout.splitlines()
+    assert table[0].split() == ["SUBTYPE", "PENDING", "HELD", "AVAILABLE",
+                                "LEASED", "HITS", "MISSES", "FAILED"]
+    assert table[-1].startswith("1 enclave of ")
+
+
+def test_health_exit_codes(daemon, tmp_path):
+    serving = epmctl(daemon.grpc_socket, "health")
+    assert (serving.returncode, serving.stdout) == (0, "SERVING\n")
+
+    gone = epmctl(tmp_path / "none.sock", "health")
+    assert gone.returncode == 1
+    assert gone.stderr.startswith("epmctl: epm is not reachable")
+
+
+def test_health_exit_2_when_not_serving(tmp_path):
+    """A daemon whose health service says NOT_SERVING (it is shutting down)."""
+    import concurrent.futures
+    import grpc
+    from grpc_health.v1 import health, health_pb2_grpc
+    from epm_client import cli
+    server = grpc.server(concurrent.futures.ThreadPoolExecutor(2))
+    servicer = health.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(servicer, server)
+    path = tmp_path / "epm.sock"
+    server.add_insecure_port(f"unix:{path}")
+    server.start()
+    try:
+        servicer.enter_graceful_shutdown()
+        assert cli.main(["--socket", str(path), "health"]) == 2
+    finally:
+        server.stop(0)
+
+
+def test_prewarm_shows_and_sets_targets(make_daemon, images):
+    daemon = make_daemon(f'[[prewarm]]\nimage = "{images / "8"}"\n'
+                         'subtype = "warm"\ncount = 0\n')
+    shown = epmctl(daemon.grpc_socket, "prewarm")
+    assert shown.returncode == 0, shown.stderr
+    header, row = shown.stdout.splitlines()
+    assert header.split()[:5] == ["SUBTYPE", "TARGET", "AVAILABLE", "BUILDING",
+                                  "RECYCLE"]
+    assert row.split()[:2] == ["warm", "0"]
+
+    changed = epmctl(daemon.grpc_socket, "prewarm", "warm", "1", "--json")
+    assert json.loads(changed.stdout)[0]["target"] == 1
+
+    unknown = epmctl(daemon.grpc_socket, "prewarm", "cold", "1")
+    assert unknown.returncode == 1
+    assert unknown.stderr.startswith("epmctl: subtype 'cold' has no")
+
+
+def test_usage_errors_exit_2(daemon):
+    result = epmctl(daemon.grpc_socket, "prewarm", "warm")
+    assert result.returncode == 2
+    assert "give both SUBTYPE and COUNT" in result.stderr
+    assert epmctl(daemon.grpc_socket, "list", "--state", "gone").returncode == 2
+
+
+def test_help_documents_the_exit_codes():
+    result = epmctl(None, "--help")
+    assert "Exit status:" in result.stdout
+    assert "not serving" in result.stdout
