@@ -39,6 +39,8 @@ from epm_server import systemd
 
 logger = structlog.get_logger("epm")
 
+# How long the watchdog's gRPC probe waits for its answer.
+_PROBE_TIMEOUT = 5.0
 # How long in-flight gRPC calls may run on after SIGTERM.
 _GRACE = 5.0
 # Descriptors kept for everything but pooled enclaves: hand-off and gRPC
@@ -265,12 +267,18 @@ def _notify(state):
 def _accepting(handoff):
     """True while the hand-off server's accept loop runs.
 
-    HandoffServer has no public way to say so yet (handoff.py belongs to
-    another change in flight); until it gains ``accepting()``, its thread is
-    looked at directly.
+    HandoffServer has no public way to say so yet (handoff.py belongs to a
+    change in flight, which renames its thread); until it gains
+    ``accepting()``, its thread is looked at directly.
     """
-    acceptor = getattr(handoff, "_acceptor", None)
-    return acceptor is not None and acceptor.is_alive()
+    accepting = getattr(handoff, "accepting", None)
+    if callable(accepting):
+        return accepting()
+    for name in ("_acceptor", "_thread"):
+        thread = getattr(handoff, name, None)
+        if thread is not None:
+            return thread.is_alive()
+    return False
 
 
 def _start_watchdog(handoff, grpc_address):
@@ -290,8 +298,9 @@ def _start_watchdog(handoff, grpc_address):
         if not _accepting(handoff):
             return False
         try:
-            return stub.Healthz(pb.HealthzRequest(),
-                                timeout=min(interval, 5.0)).ok
+            # A busy host may answer slowly; a late ping is still in time
+            # when WatchdogSec is well above the probe's timeout.
+            return stub.Healthz(pb.HealthzRequest(), timeout=_PROBE_TIMEOUT).ok
         except grpc.RpcError:
             return False
 

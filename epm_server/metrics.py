@@ -70,6 +70,17 @@ def refusal(error):
     REFUSALS.labels(_REASONS.get(type(error).__name__, "internal")).inc()
 
 
+# The same reasons by status number, for refusals that carry only a code.
+_REASONS_BY_CODE = {3: "invalid_argument", 5: "not_found", 6: "already_exists",
+                    7: "permission_denied", 8: "resource_exhausted",
+                    9: "failed_precondition", 14: "unavailable"}
+
+
+def refusal_code(code):
+    """Count one request refused with status number ``code``."""
+    REFUSALS.labels(_REASONS_BY_CODE.get(code, "internal")).inc()
+
+
 def handoff_duration(operation, seconds):
     """Record one hand-off request (check_out, check_in, save_final)."""
     HANDOFF_DURATION.labels(operation).observe(seconds)

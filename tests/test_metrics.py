@@ -77,3 +77,12 @@ def test_a_remote_address_needs_allow_remote():
 def test_a_bad_metrics_address_is_named(address):
     with pytest.raises(ConfigError, match="metrics.address"):
         config.parse({"metrics": {"address": address}})
+
+
+def test_refusals_by_code_use_the_same_reasons():
+    from epm_server import metrics
+    from epm_server.errors import ResourceExhausted
+    before = metrics.REFUSALS.labels("resource_exhausted")._value.get()
+    metrics.refusal(ResourceExhausted("full"))
+    metrics.refusal_code(8)
+    assert metrics.REFUSALS.labels("resource_exhausted")._value.get() == before + 2
