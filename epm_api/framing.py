@@ -19,6 +19,8 @@ MAX_FRAME = 64 * 1024
 # sends two is seen (and both are closed) instead of silently truncated.
 _MAX_FDS_SEEN = 2
 _CMSG_SPACE = socket.CMSG_SPACE(_MAX_FDS_SEEN * array.array("i").itemsize)
+# The ancillary room for one recvmsg of a FrameReader's caller.
+RECV_CMSG_SPACE = _CMSG_SPACE
 
 
 class FramingError(Exception):
@@ -127,6 +129,79 @@ def _recv_exact(sock, size, first_deadline, deadline, fds, allow_eof=False):
             raise FramingError(f"peer closed after {len(buf)} of {size} bytes")
         buf += data
     return bytes(buf)
+
+
+class FrameReader:
+    """Frames cut out of a stream read in large chunks, with their descriptors.
+
+    A reader of exact sizes needs three receive calls a frame; one chunk
+    usually holds a whole request. Descriptors come with the chunk that
+    carries them, and a Unix stream recvmsg ends right after the message
+    they rode on (unix_stream_read_generic stops once it took an fd list),
+    so they belong to the frame that holds the chunk's last byte.
+    """
+
+    __slots__ = ("_buf", "_fds", "_fd_count")
+
+    def __init__(self):
+        self._buf = bytearray()
+        self._fds = []  # (offset just past the chunk that carried them, fds)
+        self._fd_count = 0
+
+    def __len__(self):
+        """Bytes buffered that no returned frame has taken."""
+        return len(self._buf)
+
+    def feed(self, data, fds=()):
+        """Add a received chunk and the descriptors that came with it.
+
+        The reader owns ``fds`` from then on. Raises FramingError when more
+        descriptors wait than one frame may carry (they are closed).
+        """
+        self._buf += data
+        if fds:
+            self._fds.append((len(self._buf), list(fds)))
+            self._fd_count += len(fds)
+            if self._fd_count > _MAX_FDS_SEEN:
+                self.close()
+                raise FramingError("frame carried more descriptors than allowed")
+
+    def next_frame(self):
+        """Return the next whole frame as ``(payload, fds)``, or None.
+
+        The caller owns the returned descriptors. Raises FramingError when
+        the header announces more than MAX_FRAME bytes.
+        """
+        buf = self._buf
+        if len(buf) < HEADER.size:
+            return None
+        (length,) = HEADER.unpack_from(buf)
+        if length > MAX_FRAME:
+            raise FramingError(f"frame length {length} exceeds {MAX_FRAME}")
+        end = HEADER.size + length
+        if len(buf) < end:
+            return None
+        payload = bytes(buf[HEADER.size:end])
+        del buf[:end]
+        fds = []
+        if self._fds:
+            while self._fds and self._fds[0][0] <= end:
+                fds.extend(self._fds.pop(0)[1])
+            self._fds = [(offset - end, more) for offset, more in self._fds]
+            self._fd_count -= len(fds)
+        return payload, fds
+
+    def close(self):
+        """Close the descriptors of frames not returned, and drop their bytes."""
+        waiting, self._fds, self._fd_count = self._fds, [], 0
+        self._buf.clear()
+        for _, fds in waiting:
+            close_all(fds)
+
+
+def fds_from(ancdata):
+    """The descriptors in ``recvmsg`` ancillary data (SCM_RIGHTS)."""
+    return _fds_from(ancdata)
 
 
 def _fds_from(ancdata):

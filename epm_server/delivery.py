@@ -10,11 +10,15 @@ back to the pool. Two kernel facts tell the cases apart (net/unix/af_unix.c):
   read yet; it drops to 0 when the receiver has read the whole message;
 - when a stream socket is released with unread data in its queue, or was
   never accepted, ``unix_release_sock`` sets ECONNRESET on its peer, before
-  it purges the queue. A peer that read everything and closed gives a clean
-  EOF instead.
+  it purges the queue. A peer that read everything and closed sets none.
+
+The reset is read with SO_ERROR rather than a peeking recv: a peer that
+sent its next request before dying would make the recv return that request
+and hide the reset. A peer that only shut its write side is still open.
 """
 
 import enum
+import errno
 import fcntl
 import select
 import socket
@@ -43,45 +47,40 @@ def unread_bytes(sock):
     return _INT.unpack(raw)[0]
 
 
+def delivery_state(sock):
+    """One look: READ, DISCARDED, or None while the message is still queued."""
+    # Queue length first: a purge after a reset empties it too, and the reset
+    # is set before the purge, so the error read next sees it.
+    unread = unread_bytes(sock)
+    if sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR) == errno.ECONNRESET:
+        return Delivery.DISCARDED
+    return Delivery.READ if unread == 0 else None
+
+
 def wait_delivery(sock, deadline):
     """Wait until ``deadline`` (monotonic) for the peer to read or drop a message.
 
     Call it right after the send. Data the peer sends meanwhile is left
-    unread for the caller; the socket is left non-blocking. Returns a
-    Delivery.
+    unread for the caller. Returns a Delivery.
     """
-    # A socket with a timeout waits in recv() even with MSG_DONTWAIT.
-    sock.setblocking(False)
     # Not POLLIN: a client that sends its next request before reading the
     # reply must not turn this wait into a spin. A close shows as RDHUP/HUP,
     # a reset as ERR (always reported).
     poller = select.poll()
     poller.register(sock.fileno(), select.POLLRDHUP)
     slice_s = 0.0005
+    hung_up = False
     while True:
-        # Queue length first: a purge after a reset empties it too, and the
-        # reset is set before the purge, so the check below sees it.
-        unread = unread_bytes(sock)
-        outcome = _peer_state(sock)
-        if outcome is Delivery.DISCARDED:
+        outcome = delivery_state(sock)
+        if outcome is not None:
             return outcome
-        if unread == 0 or outcome is Delivery.READ:
-            return Delivery.READ
         remaining = deadline - time.monotonic()
         if remaining <= 0:
             return Delivery.UNKNOWN
-        poller.poll(min(remaining, slice_s) * 1000)
+        if hung_up:
+            # A peer that shut only its write side stays readable-at-EOF:
+            # polling again would return at once, so wait the slice out.
+            time.sleep(min(remaining, slice_s))
+        else:
+            hung_up = bool(poller.poll(min(remaining, slice_s) * 1000))
         slice_s = min(slice_s * 2, _MAX_SLICE)
-
-
-def _peer_state(sock):
-    """READ on a clean EOF, DISCARDED on a reset, None while the peer is open."""
-    try:
-        data = sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
-    except (BlockingIOError, InterruptedError):
-        return None
-    except ConnectionResetError:
-        return Delivery.DISCARDED
-    except OSError:
-        return None  # unknown: only a reset proves the fd was dropped
-    return Delivery.READ if not data else None

@@ -1,19 +1,28 @@
 """Our hand-off socket (DESIGN section 3): check-in, save final, check-out.
 
-Each connection gets a thread and may carry many requests. Every frame read
-and write is bounded by ``timeout``, the wait between requests by
+One thread serves every connection from an epoll loop, and a connection may
+carry many requests. A request is read in one recvmsg most of the time
+(``framing.FrameReader``), answered at once, and its reply written without
+blocking; what the socket does not take is written when it drains. Every
+frame read and write is bounded by ``timeout``, the wait between requests by
 ``idle_timeout``, and the number of connections by ``max_connections``, so a
-slow or hostile client costs one bounded thread and never stalls another.
+slow or hostile client costs one table slot and never stalls another.
 Connections are shared fairly: one uid holds at most ``max_per_uid`` of
 them, and a newcomer past either limit takes the place of the connection
 idle the longest (one waiting between requests, never one mid-frame).
-The pool's lock is never held across socket I/O: a check-out leases the
-entry, sends the fd unlocked, then hands it out or releases it.
+
+A check-out leases the entry, sends its fd, and hands it out once the
+client has read the reply (``delivery``): the loop learns it from the
+client's next request or from the wake-up the kernel sends when the reply's
+memory is freed, and looks again at each tick; the entry goes back to the
+pool if the client closed without reading. Until then the connection's next
+request waits. The pool's lock is never held across socket I/O.
 """
 
-import dataclasses
+import os
 import select
 import socket
+import struct
 import threading
 import time
 
@@ -23,7 +32,7 @@ from google.protobuf.message import DecodeError
 from epm_api import framing
 from epm_api import handoff_pb2
 from epm_server import fdcheck
-from epm_server.delivery import Delivery, wait_delivery
+from epm_server.delivery import Delivery, delivery_state
 from epm_server.enclave import (
     check_layout_fits, enclave_proto, identity_from_proto, layout_from_proto,
     subtype_from_request)
@@ -37,24 +46,49 @@ log = structlog.get_logger(__name__)
 _OK = 0
 _INVALID_ARGUMENT = InvalidArgument.code
 _RESOURCE_EXHAUSTED = 8
-# A refusal is written to a peer we are about to drop: do not wait long.
-_REFUSAL_TIMEOUT = 0.5
 # Seconds to wait before accepting again after accept() failed (EMFILE).
 _ACCEPT_BACKOFF = 0.1
+# A request is about 200 bytes; larger frames take several reads.
+_RECV_SIZE = 4096
+# Reading: level-triggered, so a request left in the socket is seen again.
+_FD = struct.Struct("i")  # one descriptor in SCM_RIGHTS, a C int
+_READING = select.EPOLLIN | select.EPOLLRDHUP
+_WRITING = select.EPOLLOUT
+# Waiting for a check-out reply to be read: edge-triggered, so a client that
+# sends its next request unread does not make the loop spin; EPOLLOUT comes
+# when the reply's memory is freed, that is when the client read it.
+_DELIVERING = (select.EPOLLIN | select.EPOLLOUT | select.EPOLLRDHUP
+               | select.EPOLLET)
 
 
-@dataclasses.dataclass
 class _Connection:
-    """A served connection; ``idle_since`` is set while it waits for a request."""
+    """A served connection and where it is in its current request.
 
-    peer: object
-    thread: threading.Thread
-    idle_since: float | None = None
-    evicted: bool = False
+    ``lease`` is the entry ID of a check-out whose reply is being written or
+    read; ``out`` the bytes of a reply the socket has not taken, and
+    ``out_fd`` the fd to attach to them when none of it went out yet.
+    ``idle_since`` is set while the connection waits for a request with
+    nothing buffered: only then may it be evicted. ``deadline`` bounds the
+    current wait, whichever it is.
+    """
+
+    __slots__ = ("sock", "fileno", "peer", "reader", "deadline", "idle_since",
+                 "out", "out_fd", "lease")
+
+    def __init__(self, sock, peer, now, idle_timeout):
+        self.sock = sock
+        self.fileno = sock.fileno()
+        self.peer = peer
+        self.reader = framing.FrameReader()
+        self.idle_since = now
+        self.deadline = now + idle_timeout
+        self.out = None
+        self.out_fd = None
+        self.lease = None
 
 
 class HandoffServer:
-    """Serves the hand-off protocol on a Unix socket, one thread per connection."""
+    """Serves the hand-off protocol on a Unix socket from one event loop."""
 
     def __init__(self, pool, reaper, path, policy, timeout, idle_timeout,
                  uid=None, gid=None, max_connections=64, max_per_uid=16):
@@ -67,180 +101,290 @@ class HandoffServer:
         self._uid, self._gid = uid, gid
         self._max_connections = max_connections
         self._max_per_uid = max_per_uid
-        self._lock = threading.Lock()
-        # socket -> _Connection; an evicted connection leaves at once, so its
-        # slot is free while its thread winds down.
-        self._connections = {}
+        # Deadlines are checked this often; replies in delivery are looked at
+        # again too, in case the kernel's wake-up was missed.
+        self._tick = min(max(min(timeout, idle_timeout) / 4, 0.005), 0.05)
+        self._connections = {}  # fileno -> _Connection
         self._listener = None
-        self._acceptor = None
+        self._epoll = None
+        self._wake_fd = None
+        self._thread = None
+        self._accept_paused_until = None
         self._stopping = threading.Event()
 
     def start(self):
-        """Listen on the socket path and start accepting. Raises OSError."""
+        """Listen on the socket path and start serving. Raises OSError."""
         self._listener = listen_unix(self.path, self._uid, self._gid)
-        self._acceptor = threading.Thread(target=self._accept_loop,
-                                          name="handoff-accept", daemon=True)
-        self._acceptor.start()
+        self._listener.setblocking(False)
+        self._epoll = select.epoll()
+        self._wake_fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+        self._epoll.register(self._listener.fileno(), select.EPOLLIN)
+        self._epoll.register(self._wake_fd, select.EPOLLIN)
+        self._thread = threading.Thread(target=self._run, name="handoff",
+                                        daemon=True)
+        self._thread.start()
 
     def stop(self):
-        """Stop accepting, let requests in flight finish, remove the socket.
+        """Stop accepting, let replies in flight finish, remove the socket.
 
-        Idle connections are woken by shutting their read side, so each thread
-        ends after the reply it may be writing.
+        Connections waiting for a request, or in the middle of one, are
+        closed; a reply being written or read gets until its deadline.
         """
-        if self._listener is None:
+        if self._thread is None:
             return
         self._stopping.set()
         unlink_socket(self.path)
-        # shutdown() wakes a thread blocked in accept(); close() alone does not.
-        try:
-            self._listener.shutdown(socket.SHUT_RDWR)
-        except OSError:
-            pass
-        self._acceptor.join()
-        self._listener.close()
-        self._listener = None
-        with self._lock:
-            connections = dict(self._connections)
-        for conn in connections:
-            try:
-                conn.shutdown(socket.SHUT_RD)
-            except OSError:
-                pass
-        for record in connections.values():
-            record.thread.join(self._timeout * 2 + 1)
+        os.eventfd_write(self._wake_fd, 1)
+        self._thread.join(self._timeout * 2 + 1)
+        self._thread = None
+        self._epoll.close()
+        os.close(self._wake_fd)
 
-    def _accept_loop(self):
+    # -- the loop -------------------------------------------------------------
+
+    def _run(self):
+        next_tick = time.monotonic() + self._tick
+        while True:
+            events = self._epoll.poll(max(0.0, next_tick - time.monotonic()))
+            for fileno, mask in events:
+                conn = self._connections.get(fileno)
+                if conn is not None:
+                    self._guarded(self._on_event, conn, mask)
+                elif self._listener is not None and \
+                        fileno == self._listener.fileno():
+                    self._accept_all()
+            now = time.monotonic()
+            if now >= next_tick:
+                self._on_tick(now)
+                next_tick = now + self._tick
+            if self._stopping.is_set() and self._wind_down():
+                return
+
+    def _guarded(self, step, conn, *args):
+        try:
+            step(conn, *args)
+        except Exception:
+            # One connection's failure must not end the loop that serves all.
+            log.exception("handoff_connection_failed", pid=conn.peer.pid)
+            self._fail(conn)
+
+    def _on_event(self, conn, mask):
+        if conn.out is not None:
+            self._flush(conn)
+        elif conn.lease is not None:
+            if self._check_delivery(conn):
+                self._read(conn)
+        else:
+            self._read(conn)
+
+    def _on_tick(self, now):
+        for conn in list(self._connections.values()):
+            if conn.out is None and conn.lease is not None:
+                self._guarded(self._check_delivery, conn)
+            elif now >= conn.deadline:
+                # A frame cut short or a client idle for long gets no reply:
+                # it would read it as the answer to its next request. It sees
+                # the close and reconnects.
+                if conn.out is not None:
+                    log.info("handoff_reply_failed", reason="timed out",
+                             id=conn.lease)
+                self._fail(conn)
+        if self._accept_paused_until is not None and \
+                now >= self._accept_paused_until and self._listener is not None:
+            self._accept_paused_until = None
+            self._epoll.register(self._listener.fileno(), select.EPOLLIN)
+
+    def _wind_down(self):
+        """Close the listener and quiet connections; True when none is left."""
+        if self._listener is not None:
+            if self._accept_paused_until is None:
+                self._epoll.unregister(self._listener.fileno())
+            self._listener.close()
+            self._listener = None
+        for conn in list(self._connections.values()):
+            if conn.out is None and conn.lease is None:
+                self._close(conn)
+        return not self._connections
+
+    # -- connections ----------------------------------------------------------
+
+    def _accept_all(self):
         while True:
             try:
-                conn, _ = self._listener.accept()
+                sock, _ = self._listener.accept()
+            except BlockingIOError:
+                return
             except OSError as e:
-                if self._stopping.is_set():
-                    return  # the listener was shut down by stop()
                 # Out of descriptors or memory: the connection waits in the
                 # backlog; accepting must go on once some are freed.
                 log.warning("handoff_accept_failed", reason=str(e))
-                self._stopping.wait(_ACCEPT_BACKOFF)
-                continue
+                self._epoll.unregister(self._listener.fileno())
+                self._accept_paused_until = time.monotonic() + _ACCEPT_BACKOFF
+                return
             try:
-                self._admit(conn)
+                self._admit(sock)
             except Exception:
-                # One bad connection (peer gone, no thread to spare) must not
-                # end the accept loop and with it the daemon's service.
+                # One bad connection (peer gone) must not end the service.
                 log.exception("handoff_admit_failed")
-                conn.close()
+                sock.close()
 
-    def _admit(self, conn):
-        peer = peer_of(conn)
+    def _admit(self, sock):
+        sock.setblocking(False)
+        peer = peer_of(sock)
         if not self._policy.allows(peer):
             log.warning("handoff_peer_refused", pid=peer.pid, uid=peer.uid,
                         gid=peer.gid)
-            self._refuse(conn, PermissionDenied.code,
+            self._refuse(sock, PermissionDenied.code,
                          f"uid {peer.uid} may not use the enclave pool")
             return
-        thread = threading.Thread(target=self._serve, args=(conn, peer),
-                                  name=f"handoff-{peer.pid}", daemon=True)
-        with self._lock:
-            refusal = self._make_room(peer)
-            if refusal is None:
-                self._connections[conn] = _Connection(peer, thread,
-                                                      time.monotonic())
+        refusal = self._make_room(peer)
         if refusal is not None:
             log.warning("handoff_connections_exhausted", pid=peer.pid,
                         uid=peer.uid, reason=refusal)
-            self._refuse(conn, _RESOURCE_EXHAUSTED, refusal)
+            self._refuse(sock, _RESOURCE_EXHAUSTED, refusal)
             return
-        try:
-            thread.start()
-        except BaseException:
-            with self._lock:
-                del self._connections[conn]
-            raise
+        conn = _Connection(sock, peer, time.monotonic(), self._idle_timeout)
+        self._connections[conn.fileno] = conn
+        self._epoll.register(conn.fileno, _READING)
+        log.debug("handoff_connected", pid=peer.pid, uid=peer.uid)
 
     def _make_room(self, peer):
         """Evict one idle connection if ``peer`` has no room; return a refusal.
 
         Past the per-uid share, the peer's own longest-idle connection goes;
-        with the table full, the longest-idle of all. Called with the lock
-        held; returns None when there is room, else why there is none.
+        with the table full, the longest-idle of all. Returns None when there
+        is room, else why there is none.
         """
-        mine = [(c, r) for c, r in self._connections.items()
-                if r.peer.uid == peer.uid]
+        mine = [c for c in self._connections.values() if c.peer.uid == peer.uid]
         if len(mine) >= self._max_per_uid:
             if self._evict_idlest(mine):
                 return None
             return (f"uid {peer.uid} has {len(mine)} connections busy, "
                     f"at most {self._max_per_uid}")
         if len(self._connections) >= self._max_connections:
-            if self._evict_idlest(self._connections.items()):
+            if self._evict_idlest(self._connections.values()):
                 return None
             return f"too many connections: {len(self._connections)} busy"
         return None
 
     def _evict_idlest(self, candidates):
-        idle = [(r.idle_since, c, r) for c, r in candidates
-                if r.idle_since is not None]
+        idle = [c for c in candidates if c.idle_since is not None]
         if not idle:
             return False
-        since, conn, record = min(idle, key=lambda item: item[0])
-        record.evicted = True
-        del self._connections[conn]
-        # Wakes the thread's wait for a request; it sees the flag and closes.
-        try:
-            conn.shutdown(socket.SHUT_RDWR)
-        except OSError:
-            pass
-        log.info("handoff_connection_evicted", pid=record.peer.pid,
-                 uid=record.peer.uid, idle_s=round(time.monotonic() - since, 3))
+        conn = min(idle, key=lambda c: c.idle_since)
+        log.info("handoff_connection_evicted", pid=conn.peer.pid,
+                 uid=conn.peer.uid,
+                 idle_s=round(time.monotonic() - conn.idle_since, 3))
+        self._close(conn)
         return True
 
-    def _refuse(self, conn, code, message):
+    def _refuse(self, sock, code, message):
+        """Tell a peer we drop why, if its socket takes it at once; close it."""
         reply = handoff_pb2.HandoffReply(code=code, message=message)
+        payload = reply.SerializeToString()
         try:
-            framing.send_frame(conn, reply.SerializeToString(),
-                               time.monotonic() + _REFUSAL_TIMEOUT)
-        except (framing.FramingError, OSError):
-            pass
-        conn.close()
-
-    def _serve(self, conn, peer):
-        log.debug("handoff_connected", pid=peer.pid, uid=peer.uid)
-        try:
-            while self._serve_one(conn, peer):
-                pass
-        except Exception:
-            log.exception("handoff_connection_failed", pid=peer.pid)
-        finally:
-            with self._lock:
-                self._connections.pop(conn, None)
-            conn.close()
-            log.debug("handoff_disconnected", pid=peer.pid)
-
-    def _serve_one(self, conn, peer):
-        """Read and answer one request; return False to close the connection."""
-        if not self._wait_request(conn):
-            # No reply: a client idle for long would read it as the answer to
-            # its next request. It sees the close and reconnects.
-            return False
-        try:
-            frame = framing.recv_frame(conn, time.monotonic() + self._timeout)
-        except framing.FrameTimeout:
-            # No reply: a client idle for long would read it as the answer to
-            # its next request. It sees the close and reconnects.
-            return False
-        except framing.FramingError as e:
-            self._refuse_frame(conn, peer, str(e))
-            return False
+            sock.send(framing.HEADER.pack(len(payload)) + payload)
         except OSError:
-            return False
-        if frame is None:
-            return False
-        payload, fds = frame
+            pass
+        sock.close()
+
+    def _close(self, conn):
+        del self._connections[conn.fileno]
+        self._epoll.unregister(conn.fileno)
+        conn.reader.close()
+        conn.sock.close()
+        log.debug("handoff_disconnected", pid=conn.peer.pid)
+
+    def _fail(self, conn):
+        """Close ``conn`` mid-request, settling a lease it carries."""
+        if conn.fileno not in self._connections:
+            return
+        lease, conn.lease = conn.lease, None
+        if lease is not None:
+            if conn.out is not None and conn.out_fd is not None:
+                self._pool.release(lease)  # the fd never left
+            else:
+                # The peer may hold the fd: it must never go to another.
+                self._pool.hand_out(lease)
+        self._close(conn)
+
+    def _set_idle(self, conn, now):
+        conn.idle_since = now
+        conn.deadline = now + self._idle_timeout
+
+    # -- reading requests -----------------------------------------------------
+
+    def _read(self, conn):
+        """Read what the socket holds and answer every whole request in it."""
+        while True:
+            try:
+                data, ancdata, flags, _ = conn.sock.recvmsg(
+                    _RECV_SIZE, framing.RECV_CMSG_SPACE, socket.MSG_CMSG_CLOEXEC)
+            except BlockingIOError:
+                return
+            except OSError:
+                self._close(conn)
+                return
+            fds = framing.fds_from(ancdata)
+            if not data:
+                framing.close_all(fds)
+                if len(conn.reader):
+                    self._refuse_frame(conn, f"peer closed after {len(conn.reader)}"
+                                       " bytes of a frame")
+                self._close(conn)
+                return
+            if not len(conn.reader):
+                # The frame's time runs from its first byte.
+                conn.idle_since = None
+                conn.deadline = time.monotonic() + self._timeout
+            try:
+                conn.reader.feed(data, fds)
+                if flags & socket.MSG_CTRUNC:
+                    raise framing.FramingError(
+                        "frame carried more descriptors than allowed")
+                if not self._serve_frames(conn):
+                    return
+            except framing.FramingError as e:
+                self._refuse_frame(conn, str(e))
+                self._fail(conn)
+                return
+            if len(data) < _RECV_SIZE or conn.out is not None \
+                    or conn.lease is not None:
+                # Drained (a short read), or busy until a reply is settled.
+                return
+
+    def _serve_frames(self, conn):
+        """Answer the whole frames buffered; False when ``conn`` was closed."""
+        while conn.out is None and conn.lease is None:
+            frame = conn.reader.next_frame()
+            if frame is None:
+                break
+            if not self._serve(conn, *frame):
+                self._fail(conn)
+                return False
+            if len(conn.reader):
+                conn.deadline = time.monotonic() + self._timeout
+        if not len(conn.reader) and conn.out is None and conn.lease is None:
+            self._set_idle(conn, time.monotonic())
+        return True
+
+    def _refuse_frame(self, conn, reason):
+        log.info("handoff_bad_frame", reason=reason, pid=conn.peer.pid)
+        reply = handoff_pb2.HandoffReply(code=_INVALID_ARGUMENT, message=reason)
+        payload = reply.SerializeToString()
+        try:
+            conn.sock.send(framing.HEADER.pack(len(payload)) + payload)
+        except OSError:
+            pass
+
+    def _serve(self, conn, payload, fds):
+        """Answer one request; return False to close the connection."""
+        peer = conn.peer
         try:
             request = handoff_pb2.HandoffRequest.FromString(payload)
         except DecodeError:
             framing.close_all(fds)
-            self._refuse_frame(conn, peer, "request is not a HandoffRequest")
+            self._refuse_frame(conn, "request is not a HandoffRequest")
             return False
         kind = request.WhichOneof("request")
         if kind == "check_out" and not fds:
@@ -261,43 +405,104 @@ class HandoffServer:
             log.info("handoff_refused", request=kind, code=e.code, reason=str(e),
                      pid=peer.pid)
             reply = handoff_pb2.HandoffReply(code=e.code, message=str(e))
-        return self._send(conn, reply)
+        return self._send(conn, reply.SerializeToString())
 
-    def _wait_request(self, conn):
-        """Wait idle for a request's first byte; False when timed out or evicted.
+    # -- writing replies ------------------------------------------------------
 
-        While waiting the connection may be evicted for a newcomer; once a
-        byte came it is busy and stays until its request is answered.
+    def _send(self, conn, payload, fd=None, lease=None):
+        """Write a reply frame, with ``fd`` for the check-out ``lease``.
+
+        What the socket does not take waits for it to drain, and the
+        connection reads nothing meanwhile. Returns False when the peer is
+        gone (the lease, if any, released: its fd never left).
         """
-        with self._lock:
-            record = self._connections.get(conn)
-            if record is None:
-                return False
-            record.idle_since = time.monotonic()
-        poller = select.poll()
-        poller.register(conn, select.POLLIN)
-        ready = poller.poll(self._idle_timeout * 1000)
-        with self._lock:
-            record.idle_since = None
-            return bool(ready) and not record.evicted
-
-    def _refuse_frame(self, conn, peer, reason):
-        log.info("handoff_bad_frame", reason=reason, pid=peer.pid)
-        reply = handoff_pb2.HandoffReply(code=_INVALID_ARGUMENT, message=reason)
+        data = framing.HEADER.pack(len(payload)) + payload
+        ancillary = []
+        if fd is not None:
+            ancillary = [(socket.SOL_SOCKET, socket.SCM_RIGHTS,
+                          _FD.pack(fd))]
         try:
-            framing.send_frame(conn, reply.SerializeToString(),
-                               time.monotonic() + _REFUSAL_TIMEOUT)
-        except (framing.FramingError, OSError):
-            pass
-
-    def _send(self, conn, reply, fd=None):
-        try:
-            framing.send_frame(conn, reply.SerializeToString(),
-                               time.monotonic() + self._timeout, fd=fd)
-        except (framing.FramingError, OSError) as e:
-            log.info("handoff_reply_failed", reason=str(e))
+            sent = conn.sock.sendmsg([data], ancillary)
+        except BlockingIOError:
+            sent = 0
+        except OSError as e:
+            log.info("handoff_reply_failed", reason=str(e), id=lease)
+            if lease is not None:
+                self._pool.release(lease)
             return False
+        conn.lease = lease
+        if sent < len(data):
+            conn.out = memoryview(data)[sent:]
+            conn.out_fd = fd if sent == 0 else None
+            conn.deadline = time.monotonic() + self._timeout
+            self._epoll.modify(conn.fileno, _WRITING)
+        elif lease is not None:
+            self._await_delivery(conn)
         return True
+
+    def _flush(self, conn):
+        """Write more of a pending reply, now that the socket may take it."""
+        ancillary = []
+        if conn.out_fd is not None:
+            ancillary = [(socket.SOL_SOCKET, socket.SCM_RIGHTS,
+                          _FD.pack(conn.out_fd))]
+        try:
+            sent = conn.sock.sendmsg([conn.out], ancillary)
+        except BlockingIOError:
+            return
+        except OSError as e:
+            log.info("handoff_reply_failed", reason=str(e), id=conn.lease)
+            self._fail(conn)
+            return
+        conn.out = conn.out[sent:]
+        conn.out_fd = None
+        if len(conn.out):
+            return
+        conn.out = None
+        if conn.lease is not None:
+            self._await_delivery(conn)
+        elif self._stopping.is_set():
+            self._close(conn)
+        else:
+            self._epoll.modify(conn.fileno, _READING)
+            if not self._serve_frames(conn):
+                return
+            self._read(conn)
+
+    def _await_delivery(self, conn):
+        conn.deadline = time.monotonic() + self._timeout
+        self._epoll.modify(conn.fileno, _DELIVERING)
+
+    def _check_delivery(self, conn):
+        """Settle a check-out whose reply was sent; True when reading resumes.
+
+        Queued is not received: a client that dies before reading leaves the
+        fd for the kernel to close, and the enclave is still ours.
+        """
+        outcome = delivery_state(conn.sock)
+        if outcome is None:
+            if time.monotonic() < conn.deadline:
+                return False
+            outcome = Delivery.UNKNOWN
+        entry_id, conn.lease = conn.lease, None
+        if outcome is Delivery.DISCARDED:
+            self._pool.release(entry_id)
+            log.info("enclave_returned", id=entry_id, reason="client closed unread")
+            self._close(conn)
+            return False
+        self._pool.hand_out(entry_id)
+        if outcome is Delivery.UNKNOWN:
+            log.info("enclave_delivery_unconfirmed", id=entry_id)
+            self._close(conn)
+            return False
+        log.debug("enclave_checked_out", id=entry_id)
+        if self._stopping.is_set():
+            self._close(conn)
+            return False
+        self._epoll.modify(conn.fileno, _READING)
+        return self._serve_frames(conn)
+
+    # -- requests -------------------------------------------------------------
 
     def _check_in(self, msg, fds, peer):
         """Validate and pool the one fd of a check-in; closes it on failure."""
@@ -332,35 +537,14 @@ class HandoffServer:
                 raise InvalidArgument("check_out.identity: required")
             identity = identity_from_proto(msg.identity, "check_out.identity")
         except EpmError as e:
-            return self._send(conn, handoff_pb2.HandoffReply(code=e.code,
-                                                             message=str(e)))
+            reply = handoff_pb2.HandoffReply(code=e.code, message=str(e))
+            return self._send(conn, reply.SerializeToString())
         entry = self._pool.lease(subtype, identity)
         if entry is None:
-            return self._send(conn, handoff_pb2.HandoffReply(code=_OK))
+            return self._send(conn, handoff_pb2.HandoffReply(
+                code=_OK).SerializeToString())
         reply = handoff_pb2.HandoffReply(
             code=_OK, id=entry.id,
             enclave=enclave_proto(entry.layout, entry.identity))
-        try:
-            framing.send_frame(conn, reply.SerializeToString(),
-                               time.monotonic() + self._timeout, fd=entry.fd)
-        except (framing.FramingError, OSError) as e:
-            log.info("handoff_reply_failed", reason=str(e), id=entry.id)
-            if getattr(e, "fd_sent", False):
-                # The peer may hold the fd: it must never go to another.
-                self._pool.hand_out(entry.id)
-            else:
-                self._pool.release(entry.id)
-            return False
-        # Queued is not received: a client that dies before reading leaves
-        # the fd for the kernel to close, and the enclave is still ours.
-        outcome = wait_delivery(conn, time.monotonic() + self._timeout)
-        if outcome is Delivery.DISCARDED:
-            self._pool.release(entry.id)
-            log.info("enclave_returned", id=entry.id, reason="client closed unread")
-            return False
-        self._pool.hand_out(entry.id)
-        if outcome is Delivery.UNKNOWN:
-            log.info("enclave_delivery_unconfirmed", id=entry.id)
-            return False
-        log.debug("enclave_checked_out", id=entry.id, subtype=subtype)
-        return True
+        return self._send(conn, reply.SerializeToString(), fd=entry.fd,
+                          lease=entry.id)

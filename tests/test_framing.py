@@ -109,3 +109,71 @@ def test_send_that_fails_before_any_byte_keeps_the_descriptor(pair):
     finally:
         os.close(r)
         os.close(w)
+
+
+def _frame(payload):
+    return framing.HEADER.pack(len(payload)) + payload
+
+
+def test_reader_cuts_frames_out_of_chunks_and_keeps_the_rest():
+    reader = framing.FrameReader()
+    stream = _frame(b"one") + _frame(b"two") + _frame(b"three")
+
+    reader.feed(stream[:5])
+    assert reader.next_frame() is None
+    reader.feed(stream[5:12])
+
+    assert reader.next_frame() == (b"one", [])
+    assert reader.next_frame() is None
+    reader.feed(stream[12:])
+    assert reader.next_frame() == (b"two", [])
+    assert reader.next_frame() == (b"three", [])
+    assert len(reader) == 0
+
+
+def test_reader_gives_fds_to_the_frame_holding_the_chunks_last_byte():
+    """The tail of one frame and a whole next one may come in one chunk."""
+    reader = framing.FrameReader()
+    first, second = _frame(b"first"), _frame(b"second")
+    r, w = os.pipe()
+    try:
+        reader.feed(first[:3])
+        reader.feed(first[3:] + second, [r])
+
+        assert reader.next_frame() == (b"first", [])
+        assert reader.next_frame() == (b"second", [r])
+    finally:
+        os.close(r)
+        os.close(w)
+
+
+def test_reader_refuses_an_oversized_length():
+    reader = framing.FrameReader()
+    reader.feed(framing.HEADER.pack(framing.MAX_FRAME + 1))
+    with pytest.raises(framing.FramingError):
+        reader.next_frame()
+
+
+def test_reader_closes_fds_past_what_one_frame_may_carry():
+    reader = framing.FrameReader()
+    fds = [os.open(os.devnull, os.O_RDONLY) for _ in range(3)]
+    reader.feed(b"\x10", fds[:2])
+
+    with pytest.raises(framing.FramingError):
+        reader.feed(b"\x00", fds[2:])
+
+    for fd in fds:
+        with pytest.raises(OSError):
+            os.fstat(fd)
+
+
+def test_reader_close_closes_fds_of_frames_never_returned():
+    reader = framing.FrameReader()
+    fd = os.open(os.devnull, os.O_RDONLY)
+    reader.feed(b"\x10\x00", [fd])
+
+    reader.close()
+
+    with pytest.raises(OSError):
+        os.fstat(fd)
+    assert len(reader) == 0

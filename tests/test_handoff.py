@@ -408,3 +408,58 @@ def test_held_enclave_of_a_dead_owner_is_discarded(daemon):
     client = Client(daemon.handoff_socket)
     assert client.save_final(entry_id).code == 5
     client.close()
+
+
+def test_check_out_pipelined_with_the_next_request_is_handed_out_once(daemon):
+    """The next request may come before the reply was read: still one owner."""
+    entry_id = pool_one(daemon.handoff_socket)
+    client = Client(daemon.handoff_socket)
+    check_out = hpb.HandoffRequest(check_out=hpb.CheckOut(
+        subtype="skeleton-0.0.0", identity=identity()))
+    client.send_raw(check_out.SerializeToString())
+    client.send_raw(check_out.SerializeToString())
+    time.sleep(0.1)
+
+    first, fds = client.recv()
+    second, more = client.recv()
+
+    assert first.id == entry_id and len(fds) == 1
+    assert second.code == 0 and not second.id and not more
+    framing.close_all(fds)
+    client.close()
+
+
+def test_client_that_never_reads_its_replies_is_dropped(make_daemon):
+    """Replies it leaves unread back up; past the timeout it is closed.
+
+    The requests go in one large write, so that the daemon's small replies,
+    not the client's requests, fill the socket's buffer.
+    """
+    daemon = make_daemon("[handoff]\ntimeout = 0.5\n")
+    greedy = Client(daemon.handoff_socket)
+    payload = hpb.HandoffRequest(
+        save_final=hpb.SaveFinal(id="x" * 30)).SerializeToString()
+    greedy.sock.sendall((framing.HEADER.pack(len(payload)) + payload) * 2000)
+
+    other = Client(daemon.handoff_socket)
+    assert other.check_out()[0].code == 0
+    time.sleep(1.0)  # past the timeout, with replies still unread
+
+    assert _drained_to_eof(greedy.sock, timeout=5)
+    assert daemon.events("handoff_reply_failed")
+    other.close()
+    greedy.close()
+
+
+def _drained_to_eof(sock, timeout):
+    """Read and drop until EOF or a reset; False if ``timeout`` passes first."""
+    sock.setblocking(True)
+    sock.settimeout(timeout)
+    try:
+        while sock.recv(65536):
+            pass
+    except ConnectionResetError:
+        pass
+    except TimeoutError:
+        return False
+    return True
