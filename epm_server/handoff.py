@@ -12,11 +12,11 @@ them, and a newcomer past either limit takes the place of the connection
 idle the longest (one waiting between requests, never one mid-frame).
 
 A check-out leases the entry, sends its fd, and hands it out once the
-client has read the reply (``delivery``): the loop learns it from the
-client's next request or from the wake-up the kernel sends when the reply's
-memory is freed, and looks again at each tick; the entry goes back to the
-pool if the client closed without reading. Until then the connection's next
-request waits. The pool's lock is never held across socket I/O.
+client has read the reply (``delivery``): the loop learns it when the
+client's next request comes, or its close, and looks again at each tick; the
+entry goes back to the pool if the client closed without reading. Until then
+the connection's next request waits. The pool's lock is never held across
+socket I/O.
 """
 
 import os
@@ -54,9 +54,10 @@ _RECV_SIZE = 4096
 _FD = struct.Struct("i")  # one descriptor in SCM_RIGHTS, a C int
 _READING = select.EPOLLIN | select.EPOLLRDHUP
 _WRITING = select.EPOLLOUT
-# Waiting for a check-out reply to be read: edge-triggered, so a client that
-# sends its next request unread does not make the loop spin; EPOLLOUT comes
-# when the reply's memory is freed, that is when the client read it.
+# A check-out reply sent, and an event came while the client had not read it
+# (it sent its next request first, or shut its write side): edge-triggered,
+# so that the loop does not spin; EPOLLOUT comes when the reply's memory is
+# freed, that is when the client read it.
 _DELIVERING = (select.EPOLLIN | select.EPOLLOUT | select.EPOLLRDHUP
                | select.EPOLLET)
 
@@ -73,7 +74,7 @@ class _Connection:
     """
 
     __slots__ = ("sock", "fileno", "peer", "reader", "deadline", "idle_since",
-                 "out", "out_fd", "lease")
+                 "out", "out_fd", "lease", "mask")
 
     def __init__(self, sock, peer, now, idle_timeout):
         self.sock = sock
@@ -85,6 +86,7 @@ class _Connection:
         self.out = None
         self.out_fd = None
         self.lease = None
+        self.mask = _READING  # what the loop's epoll waits for
 
 
 class HandoffServer:
@@ -111,6 +113,9 @@ class HandoffServer:
         self._thread = None
         self._accept_paused_until = None
         self._stopping = threading.Event()
+        # (layout, identity) -> a serialized HandoffReply holding only the
+        # enclave: a check-out reply is its ID's bytes followed by these.
+        self._enclave_replies = {}
 
     def start(self):
         """Listen on the socket path and start serving. Raises OSError."""
@@ -123,6 +128,11 @@ class HandoffServer:
         self._thread = threading.Thread(target=self._run, name="handoff",
                                         daemon=True)
         self._thread.start()
+
+    def accepting(self):
+        """True while the loop runs and the socket takes connections."""
+        return (self._thread is not None and self._thread.is_alive()
+                and not self._stopping.is_set())
 
     def stop(self):
         """Stop accepting, let replies in flight finish, remove the socket.
@@ -435,9 +445,9 @@ class HandoffServer:
             conn.out = memoryview(data)[sent:]
             conn.out_fd = fd if sent == 0 else None
             conn.deadline = time.monotonic() + self._timeout
-            self._epoll.modify(conn.fileno, _WRITING)
+            self._watch(conn, _WRITING)
         elif lease is not None:
-            self._await_delivery(conn)
+            conn.deadline = time.monotonic() + self._timeout
         return True
 
     def _flush(self, conn):
@@ -460,18 +470,20 @@ class HandoffServer:
             return
         conn.out = None
         if conn.lease is not None:
-            self._await_delivery(conn)
+            conn.deadline = time.monotonic() + self._timeout
+            self._watch(conn, _READING)
         elif self._stopping.is_set():
             self._close(conn)
         else:
-            self._epoll.modify(conn.fileno, _READING)
+            self._watch(conn, _READING)
             if not self._serve_frames(conn):
                 return
             self._read(conn)
 
-    def _await_delivery(self, conn):
-        conn.deadline = time.monotonic() + self._timeout
-        self._epoll.modify(conn.fileno, _DELIVERING)
+    def _watch(self, conn, mask):
+        if conn.mask != mask:
+            self._epoll.modify(conn.fileno, mask)
+            conn.mask = mask
 
     def _check_delivery(self, conn):
         """Settle a check-out whose reply was sent; True when reading resumes.
@@ -482,6 +494,7 @@ class HandoffServer:
         outcome = delivery_state(conn.sock)
         if outcome is None:
             if time.monotonic() < conn.deadline:
+                self._watch(conn, _DELIVERING)
                 return False
             outcome = Delivery.UNKNOWN
         entry_id, conn.lease = conn.lease, None
@@ -499,7 +512,7 @@ class HandoffServer:
         if self._stopping.is_set():
             self._close(conn)
             return False
-        self._epoll.modify(conn.fileno, _READING)
+        self._watch(conn, _READING)
         return self._serve_frames(conn)
 
     # -- requests -------------------------------------------------------------
@@ -543,8 +556,20 @@ class HandoffServer:
         if entry is None:
             return self._send(conn, handoff_pb2.HandoffReply(
                 code=_OK).SerializeToString())
-        reply = handoff_pb2.HandoffReply(
-            code=_OK, id=entry.id,
-            enclave=enclave_proto(entry.layout, entry.identity))
-        return self._send(conn, reply.SerializeToString(), fd=entry.fd,
-                          lease=entry.id)
+        reply = (handoff_pb2.HandoffReply(code=_OK, id=entry.id).SerializeToString()
+                 + self._enclave_reply(entry))
+        return self._send(conn, reply, fd=entry.fd, lease=entry.id)
+
+    def _enclave_reply(self, entry):
+        # Protobuf merges concatenated messages, so the enclave's part is
+        # serialized once per layout and identity, not once per check-out.
+        key = (entry.layout, entry.identity)
+        got = self._enclave_replies.get(key)
+        if got is None:
+            if len(self._enclave_replies) >= 64:
+                self._enclave_replies.clear()
+            got = handoff_pb2.HandoffReply(
+                enclave=enclave_proto(entry.layout, entry.identity)
+            ).SerializeToString()
+            self._enclave_replies[key] = got
+        return got
