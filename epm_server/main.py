@@ -2,7 +2,8 @@
 
 The daemon runs in the foreground (``sudo epm &``, or a systemd unit of type
 notify). SIGTERM and SIGINT stop it: no new connections, calls in flight
-finish, pooled fds are closed and both sockets removed.
+finish, pooled fds are closed and both sockets removed. Under systemd the
+available enclaves stay in its fd store and the next start adopts them.
 """
 
 import argparse
@@ -21,6 +22,7 @@ import structlog
 from epm_server import config, log
 from epm_server.bundle import BundleCaches
 from epm_server.errors import ConfigError
+from epm_server.fdstore import FdStore
 from epm_server.handoff import HandoffServer
 from epm_server.ids import is_id
 from epm_server.legacy import LegacyHandoff
@@ -87,6 +89,9 @@ def run(cfg):
         cfg.allowed_roots, private=(cfg.root, cfg.db_path)))
     pool = Pool(_pool_capacity(cfg), cfg.max_per_identity, cfg.legacy_max_pending,
                 no_recycle=[s.subtype for s in cfg.prewarm if not s.recycle])
+    fdstore = FdStore(pool, os.path.join(cfg.root, "fdstore"))
+    fdstore.start()
+    fdstore.adopt(systemd.listen_fds())
     prewarmer = Prewarmer(pool, cfg.prewarm)
     pool.on_hand_out(prewarmer.wake)
     policy = PeerPolicy(cfg.allowed_uids, cfg.allowed_gids, cfg.gid)
@@ -136,6 +141,7 @@ def run(cfg):
         reaper.stop()
         # Last: every thread that could send a pooled fd has ended.
         pool.close()
+        fdstore.stop()
         records.close()
     logger.info("epm_stopped")
     return 0

@@ -8,10 +8,13 @@ An entry's life (DESIGN section 4)::
     available --delete--> deleted        (DeleteCache, flush)
     held --retire--> deleted             (save-final where recycling is off)
     pending|held --discard--> discarded  (fd never came, owner gone)
+    (none) --adopt--> available          (passed back after a restart)
 
 Entries in the last three states have left the pool and their fd is closed.
 One lock guards the table; nothing here does socket I/O, so callers lease an
 entry, send its fd without the lock, then hand it out or release it.
+Observers (``on_transition``) see every change of state in order, under the
+lock, so they must not block.
 """
 
 import dataclasses
@@ -104,6 +107,7 @@ class Pool:
         # recycled enclave carries its previous tenant's memory.
         self._no_recycle = frozenset(no_recycle)
         self._on_hand_out = []
+        self._observers = []
         self._max_per_identity = max_per_identity
         self._max_pending = max_pending
         self._lock = threading.Lock()
@@ -117,6 +121,17 @@ class Pool:
     def on_hand_out(self, callback):
         """Call ``callback()`` (without the lock) after each hand-out."""
         self._on_hand_out.append(callback)
+
+    def on_transition(self, callback):
+        """Call ``callback(before, after)`` on every change of an entry's state.
+
+        ``before`` is None for an entry just added; ``after`` is in a state
+        that has left the pool when it did, and its fd is still open during
+        the call. The call is made with the pool's lock held, so observers
+        see changes in the order they happened; a callback must return
+        quickly, must not raise and must not call the pool.
+        """
+        self._observers.append(callback)
 
     @property
     def capacity(self):
@@ -143,6 +158,21 @@ class Pool:
         return self._add(entry_id, subtype, identity, layout, fd, State.HELD,
                          owner, origin)
 
+    def adopt(self, entry_id, subtype, identity, layout, fd, created, origin):
+        """Add an available entry that an earlier daemon pooled; return its ID.
+
+        Its fd came back from the service manager after a restart; the
+        caller has checked it like a check-in's. The pool owns ``fd`` only
+        when this returns. Raises AlreadyExists, ResourceExhausted,
+        Unavailable, FailedPrecondition (its subtype is not recycled now and
+        a container returned it).
+        """
+        if subtype in self._no_recycle and origin != "prewarm":
+            raise FailedPrecondition(f"enclave {entry_id}: subtype "
+                                     f"{shown(subtype, quoted=True)} is not recycled")
+        return self._add(entry_id, subtype, identity, layout, fd, State.AVAILABLE,
+                         None, origin, created=created)
+
     def add_pending(self, entry_id, subtype, identity, layout):
         """Add a pending entry whose fd comes later (legacy SaveCache).
 
@@ -163,8 +193,7 @@ class Pool:
             if entry.state is State.PENDING:
                 self._check_room(entry.identity)
             key = self._check_file(fd)
-            entry = self._transition(entry_id, "receive_fd")
-            self._entries[entry_id] = dataclasses.replace(entry, fd=fd, owner=owner)
+            self._transition(entry_id, "receive_fd", fd=fd, owner=owner)
             self._files.setdefault(key[:2], set()).add(entry_id)
 
     def save_final(self, entry_id, uid=None, legacy=False):
@@ -273,7 +302,8 @@ class Pool:
                     os.close(entry.fd)
         log.debug("pool_closed", closed=len(entries))
 
-    def _add(self, entry_id, subtype, identity, layout, fd, state, owner, origin):
+    def _add(self, entry_id, subtype, identity, layout, fd, state, owner, origin,
+             created=None):
         with self._lock:
             if self._closed:
                 raise Unavailable("the daemon is shutting down")
@@ -291,10 +321,13 @@ class Pool:
             key = self._check_file(fd) if fd is not None else None
             entry = Entry(id=entry_id, subtype=subtype, identity=identity,
                           layout=tuple(layout), fd=fd, state=state, owner=owner,
-                          created=int(time.time()), origin=origin)
+                          created=int(time.time()) if created is None else created,
+                          origin=origin)
             self._entries[entry_id] = entry
             if key is not None:
                 self._files.setdefault(key[:2], set()).add(entry_id)
+            for callback in self._observers:
+                callback(None, entry)
         log.debug("enclave_state", state=state.value, id=entry_id, subtype=subtype)
         return entry_id
 
@@ -332,17 +365,20 @@ class Pool:
         if not ids:
             self._files.pop(key, None)
 
-    def _transition(self, entry_id, operation):
+    def _transition(self, entry_id, operation, **changes):
         """The guard: apply ``operation`` or refuse it naming the state.
 
+        ``changes`` are other fields of the entry that change with its state.
         Called with the lock held; returns the new snapshot.
         """
-        entry = self._find(entry_id)
+        before = self._find(entry_id)
         sources, target = _OPERATIONS[operation]
-        if entry.state not in sources:
+        if before.state not in sources:
             raise FailedPrecondition(f"cannot {operation.replace('_', ' ')} "
-                                     f"enclave {entry_id}: it is {entry.state.value}")
-        entry = dataclasses.replace(entry, state=target)
+                                     f"enclave {entry_id}: it is {before.state.value}")
+        entry = dataclasses.replace(before, state=target, **changes)
+        for callback in self._observers:
+            callback(before, entry)
         if target in _GONE:
             del self._entries[entry_id]
             if entry.fd is not None:

@@ -25,11 +25,17 @@ LISTEN_FDS_START = 3
 MAX_FDNAME = 255
 
 
-def notify(state, fds=()):
+def notifying():
+    """True when a service manager listens for our notifications."""
+    return bool(os.environ.get("NOTIFY_SOCKET"))
+
+
+def notify(state, fds=(), block=True):
     """Send ``state`` (bytes, ``KEY=VALUE`` lines) to systemd, with ``fds``.
 
     Returns False outside systemd (no ``$NOTIFY_SOCKET``). Raises OSError
-    when the socket refuses the message.
+    when the socket refuses the message, BlockingIOError when ``block`` is
+    False and the manager's queue is full.
     """
     address = os.environ.get("NOTIFY_SOCKET")
     if not address:
@@ -42,7 +48,8 @@ def notify(state, fds=()):
                       array.array("i", fds).tobytes())]
     with socket.socket(socket.AF_UNIX,
                        socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as s:
-        s.sendmsg([state], ancillary, 0, address)
+        s.sendmsg([state], ancillary, 0 if block else socket.MSG_DONTWAIT,
+                  address)
     return True
 
 
