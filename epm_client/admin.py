@@ -52,6 +52,12 @@ class AdminClient:
         return list(self._call(stub.SetPrewarm, admin_pb2.SetPrewarmRequest(
             subtype=subtype, count=count)).pools)
 
+    def flush(self, subtype=""):
+        """Close every available enclave (of ``subtype``); return (deleted, kept)."""
+        stub = admin_pb2_grpc.AdminStub(self._connect())
+        reply = self._call(stub.Flush, admin_pb2.FlushRequest(subtype=subtype))
+        return reply.deleted, reply.kept
+
     def close(self):
         if self._channel is not None:
             self._channel.close()

@@ -122,7 +122,13 @@ def flush(socket_path, subtype, pool_type, yes):
             if not click.confirm(f"Close {_count(count, 'available enclave')} "
                                  "of every subtype?", err=True):
                 raise _Abort("flush not confirmed; nothing closed")
-        deleted, kept = client.flush(subtype, pool_type)
+        if pool_type == ENCLAVE_POOL:
+            # One call for the whole pool, not a round trip per enclave.
+            from epm_client.admin import AdminClient
+            with AdminClient(socket_path) as admin:
+                deleted, kept = admin.flush(subtype)
+        else:
+            deleted, kept = client.flush(subtype, pool_type)
     where = f" of subtype {subtype}" if subtype else ""
     click.echo(f"flushed {_count(deleted, 'enclave')}{where}"
                + (f"; {kept} in use kept" if kept else ""))

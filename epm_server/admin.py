@@ -47,6 +47,12 @@ class AdminService(pb_grpc.AdminServicer):
         self._prewarmer.set_target(subtype, request.count)
         return self._targets()
 
+    @adapt
+    def Flush(self, request, context):
+        subtype = subtype_from_request(request.subtype) if request.subtype else ""
+        deleted, kept = self._pool.flush(subtype)
+        return pb.FlushResponse(deleted=deleted, kept=kept)
+
     def _targets(self):
         reply = pb.PrewarmResponse()
         for spec, target, available, building in self._prewarmer.targets():

@@ -268,6 +268,23 @@ class Pool:
                 raise NotFound(f"no enclave {shown(entry_id)} of subtype {shown(subtype, quoted=True)}")
             self._transition(entry_id, "delete")
 
+    def flush(self, subtype=""):
+        """Close every available entry (of ``subtype`` when given).
+
+        Returns ``(deleted, kept)``, kept counting the entries still in use.
+        """
+        deleted = kept = 0
+        with self._lock:
+            for entry in list(self._entries.values()):
+                if subtype and entry.subtype != subtype:
+                    continue
+                if entry.state is State.AVAILABLE:
+                    self._transition(entry.id, "delete")
+                    deleted += 1
+                else:
+                    kept += 1
+        return deleted, kept
+
     def discard(self, entry_id):
         """Drop a pending or held entry whose state is unknown.
 

@@ -197,3 +197,21 @@ def test_help_documents_the_exit_codes():
     result = epmctl(None, "--help")
     assert "Exit status:" in result.stdout
     assert "not serving" in result.stdout
+
+
+def test_flush_of_the_enclave_pool_is_one_admin_call(daemon):
+    """epmctl flush closes every available enclave and keeps those in use."""
+    from epm_client.admin import AdminClient
+    from test_client import LAYOUT, identity, sealed_memfd
+    with Client(daemon.grpc_socket) as client:
+        for content in (b"a", b"b", b"c"):
+            pooled(client, content)
+        fd = sealed_memfd(b"held")
+        try:
+            client.check_in(fd, "skeleton-0.0.0", LAYOUT, identity())
+        finally:
+            os.close(fd)
+        with AdminClient(daemon.grpc_socket) as admin:
+            assert admin.flush("other") == (0, 0)
+            assert admin.flush() == (3, 1)
+        assert [e.state for e in client.list()] == ["held"]
