@@ -93,17 +93,23 @@ class Client:
 
     # -- the hand-off socket ------------------------------------------------
 
-    def check_out(self, subtype, identity):
+    def check_out(self, subtype, identity, hold=False):
         """Take an available enclave of ``subtype`` and ``identity``.
+
+        With ``hold`` the enclave stays in the pool, held by this process as
+        if it had checked it in: ``pool_id`` of the result is then the held
+        entry's ID, which ``save_final`` takes when the enclave is done with
+        (and the daemon discards it if this process dies first).
 
         Returns a CheckedOut, or None when the pool has no such enclave.
         Raises DaemonUnavailable when the daemon cannot be reached, and the
         EpmError subclass of the daemon's refusal otherwise.
         """
-        key = ("out", subtype, identity)
+        key = ("out", subtype, identity, hold)
         request = self._encoded.get(key)
         if request is None:
-            request = self._remember(key, wire.check_out_request(subtype, identity))
+            request = self._remember(
+                key, wire.check_out_request(subtype, identity, hold))
         reply, fds = self._round_trip(request)
         if reply.enclave is None:
             framing.close_all(fds)
@@ -136,9 +142,13 @@ class Client:
             raise errors.ProtocolError("check-in reply carried no ID")
         return reply.id
 
-    def save_final(self, pool_id):
-        """Make the held enclave ``pool_id`` available for check-out."""
-        _, fds = self._round_trip(wire.save_final_request(pool_id))
+    def save_final(self, pool_id, discard=False):
+        """Make the held enclave ``pool_id`` available for check-out.
+
+        With ``discard`` the daemon closes it instead: for an enclave that
+        turned out unusable. Only its holder's uid (or root) may ask.
+        """
+        _, fds = self._round_trip(wire.save_final_request(pool_id, discard))
         framing.close_all(fds)
 
     def _remember(self, key, request):

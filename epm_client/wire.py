@@ -26,9 +26,10 @@ class WireError(ValueError):
     """Bytes that are not a message of the expected type."""
 
 
-def check_out_request(subtype, identity):
-    """A serialized HandoffRequest{check_out: {subtype, identity}}."""
-    body = _string(1, subtype) + _message(2, identity_bytes(identity))
+def check_out_request(subtype, identity, hold=False):
+    """A serialized HandoffRequest{check_out: {subtype, identity, hold}}."""
+    body = (_string(1, subtype) + _message(2, identity_bytes(identity))
+            + _uint(3, hold))
     return _message(1, body)
 
 
@@ -38,9 +39,9 @@ def check_in_request(subtype, layout, identity):
     return _message(2, body)
 
 
-def save_final_request(pool_id):
-    """A serialized HandoffRequest{save_final: {id}}."""
-    return _message(3, _string(1, pool_id))
+def save_final_request(pool_id, discard=False):
+    """A serialized HandoffRequest{save_final: {id, discard}}."""
+    return _message(3, _string(1, pool_id) + _uint(2, discard))
 
 
 def identity_bytes(identity):

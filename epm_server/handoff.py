@@ -15,8 +15,10 @@ A check-out leases the entry, sends its fd, and hands it out once the
 client has read the reply (``delivery``): the loop learns it when the
 client's next request comes, or its close, and looks again at each tick; the
 entry goes back to the pool if the client closed without reading. Until then
-the connection's next request waits. The pool's lock is never held across
-socket I/O.
+the connection's next request waits. A check-out with ``hold`` settles the
+same way, except that a read reply leaves the entry held by the client, its
+pid watched by the reaper, instead of handed out. The pool's lock is never
+held across socket I/O.
 """
 
 import os
@@ -72,7 +74,8 @@ class _Connection:
     """A served connection and where it is in its current request.
 
     ``lease`` is the entry ID of a check-out whose reply is being written or
-    read; ``out`` the bytes of a reply the socket has not taken, and
+    read, and ``hold`` True when its client asked to hold the enclave; ``out``
+    the bytes of a reply the socket has not taken, and
     ``out_fd`` the fd to attach to them when none of it went out yet.
     ``idle_since`` is set while the connection waits for a request with
     nothing buffered: only then may it be evicted. ``deadline`` bounds the
@@ -80,7 +83,7 @@ class _Connection:
     """
 
     __slots__ = ("sock", "fileno", "peer", "reader", "deadline", "idle_since",
-                 "out", "out_fd", "lease", "mask")
+                 "out", "out_fd", "lease", "hold", "mask")
 
     def __init__(self, sock, peer, now, idle_timeout):
         self.sock = sock
@@ -92,6 +95,7 @@ class _Connection:
         self.out = None
         self.out_fd = None
         self.lease = None
+        self.hold = False
         self.mask = _READING  # what the loop's epoll waits for
 
 
@@ -444,8 +448,10 @@ class HandoffServer:
 
     # -- writing replies ------------------------------------------------------
 
-    def _send(self, conn, payload, fd=None, lease=None):
+    def _send(self, conn, payload, fd=None, lease=None, hold=False):
         """Write a reply frame, with ``fd`` for the check-out ``lease``.
+
+        ``hold`` says the lease is to be held by the peer once read.
 
         What the socket does not take waits for it to drain, and the
         connection reads nothing meanwhile. Returns False when the peer is
@@ -465,7 +471,7 @@ class HandoffServer:
             if lease is not None:
                 self._pool.release(lease)
             return False
-        conn.lease = lease
+        conn.lease, conn.hold = lease, hold
         if sent < len(data):
             conn.out = memoryview(data)[sent:]
             conn.out_fd = fd if sent == 0 else None
@@ -528,7 +534,14 @@ class HandoffServer:
             log.info("enclave_returned", id=entry_id, reason="client closed unread")
             self._close(conn)
             return False
-        self._pool.hand_out(entry_id)
+        if conn.hold:
+            # Unknown counts as read here too: held, the enclave still goes
+            # to no one else, and the reaper discards it if the client dies.
+            peer = conn.peer
+            self._pool.hold(entry_id, Owner(pid=peer.pid, uid=peer.uid))
+            self._reaper.watch(entry_id, peer.pid)
+        else:
+            self._pool.hand_out(entry_id)
         if outcome is Delivery.UNKNOWN:
             log.info("enclave_delivery_unconfirmed", id=entry_id)
             self._close(conn)
@@ -565,7 +578,7 @@ class HandoffServer:
         return handoff_pb2.HandoffReply(code=_OK, id=entry_id)
 
     def _save_final(self, msg, peer):
-        self._pool.save_final(msg.id, uid=peer.uid)
+        self._pool.save_final(msg.id, uid=peer.uid, discard=msg.discard)
         return handoff_pb2.HandoffReply(code=_OK, id=msg.id)
 
     def _check_out(self, conn, msg):
@@ -583,7 +596,8 @@ class HandoffServer:
                 code=_OK).SerializeToString())
         reply = (handoff_pb2.HandoffReply(code=_OK, id=entry.id).SerializeToString()
                  + self._enclave_reply(entry))
-        return self._send(conn, reply, fd=entry.fd, lease=entry.id)
+        return self._send(conn, reply, fd=entry.fd, lease=entry.id,
+                          hold=msg.hold)
 
     def _enclave_reply(self, entry):
         # Protobuf merges concatenated messages, so the enclave's part is

@@ -5,6 +5,8 @@ An entry's life (DESIGN section 4)::
     pending --receive_fd--> held --save_final--> available --lease--> leased
     leased --hand_out--> handed out      (the daemon closed its copy)
     leased --release--> available        (the hand-off failed)
+    leased --hold--> held                (check-out with hold: the client
+                                          owns it now, the daemon keeps a copy)
     available --delete--> deleted        (DeleteCache, flush)
     held --retire--> deleted             (save-final where recycling is off)
     pending|held --discard--> discarded  (fd never came, owner gone)
@@ -58,6 +60,7 @@ _OPERATIONS = {
     "lease": ({State.AVAILABLE}, State.LEASED),
     "hand_out": ({State.LEASED}, State.HANDED_OUT),
     "release": ({State.LEASED}, State.AVAILABLE),
+    "hold": ({State.LEASED}, State.HELD),
     "delete": ({State.AVAILABLE}, State.DELETED),
     "retire": ({State.HELD}, State.DELETED),
     "discard": ({State.PENDING, State.HELD}, State.DISCARDED),
@@ -66,7 +69,8 @@ _OPERATIONS = {
 
 @dataclasses.dataclass(frozen=True)
 class Owner:
-    """The process that checked an enclave in (from SO_PEERCRED)."""
+    """The process that holds an enclave (from SO_PEERCRED): the one that
+    checked it in, or checked it out with hold."""
 
     pid: int
     uid: int
@@ -196,12 +200,13 @@ class Pool:
             self._transition(entry_id, "receive_fd", fd=fd, owner=owner)
             self._files.setdefault(key[:2], set()).add(entry_id)
 
-    def save_final(self, entry_id, uid=None, legacy=False):
+    def save_final(self, entry_id, uid=None, legacy=False, discard=False):
         """Make a held entry available; ``uid`` (when known) must own it or be 0.
 
         ``legacy`` says the call came over gRPC, which knows no caller: an
         entry checked in over our hand-off socket has an owner, and only the
-        hand-off socket can tell that the owner asks. Raises NotFound,
+        hand-off socket can tell that the owner asks. ``discard`` closes the
+        entry instead (its owner found it unusable). Raises NotFound,
         PermissionDenied, FailedPrecondition naming the state or the socket.
         """
         with self._lock:
@@ -214,6 +219,11 @@ class Pool:
                     and uid != entry.owner.uid):
                 raise PermissionDenied(f"enclave {entry_id} belongs to uid "
                                        f"{entry.owner.uid}, not {uid}")
+            if discard:
+                self._transition(entry_id, "discard")
+                log.info("enclave_discarded_by_owner", id=entry_id,
+                         subtype=entry.subtype)
+                return
             if entry.subtype in self._no_recycle and entry.origin != "prewarm":
                 self._transition(entry_id, "retire")
                 log.info("enclave_not_recycled", id=entry_id,
@@ -245,6 +255,19 @@ class Pool:
         """
         with self._lock:
             self._transition(entry_id, "hand_out")
+        for callback in self._on_hand_out:
+            callback()
+
+    def hold(self, entry_id, owner):
+        """The leased fd reached ``owner``, who asked to hold it: the entry
+        stays in the pool, held by ``owner``, and the daemon keeps its fd.
+
+        The entry's origin becomes "handoff": it now carries its holder's
+        memory, and only the hand-off socket knows who may save it final.
+        Raises NotFound, FailedPrecondition.
+        """
+        with self._lock:
+            self._transition(entry_id, "hold", owner=owner, origin="handoff")
         for callback in self._on_hand_out:
             callback()
 
@@ -285,12 +308,19 @@ class Pool:
                     kept += 1
         return deleted, kept
 
-    def discard(self, entry_id):
+    def discard(self, entry_id, owner_pid=None):
         """Drop a pending or held entry whose state is unknown.
 
+        With ``owner_pid``, only while that process holds it: an entry ID
+        outlives one holder when it is checked out with hold again.
         Raises NotFound, FailedPrecondition.
         """
         with self._lock:
+            entry = self._find(entry_id)
+            if owner_pid is not None and (entry.owner is None
+                                          or entry.owner.pid != owner_pid):
+                raise FailedPrecondition(f"enclave {entry_id} is not held by "
+                                         f"pid {owner_pid}")
             self._transition(entry_id, "discard")
 
     def entries(self, subtype="", after="", limit=0, states=None):

@@ -7,9 +7,11 @@ class (``skeleton.capi``).
 
 At ``init`` the enclave comes from the epm pool when one of the same
 identity is available (an instant launch), and is built otherwise. Either
-way it is checked in to the pool right away, held for this container, and
-``destroy`` makes it available to the next one (SaveFinalCache), as the
-published runtime does. The argument ``no-epm`` keeps the daemon out of it.
+way the pool holds it for this container while it runs, and ``destroy``
+makes it available to the next one (save-final), as the published runtime
+does: a pooled enclave is checked out with hold, so it never leaves the
+pool, and a built one is checked in right away. The argument ``no-epm``
+keeps the daemon out of it.
 
 Only the hand-off socket is used here, never gRPC: the launch path must not
 import grpc (about 90 ms per container start) nor start its threads, which a
@@ -126,10 +128,10 @@ class Pal:
             if self.enclave is None:
                 self.enclave = _build(image, backend, debug="debug" in flags)
                 self.source = "built"
+                if self._client is not None:
+                    self._check_in(subtype)
             else:
                 self.source = "pool"
-            if self._client is not None:
-                self._check_in(subtype)
 
         self.init_ms = (time.perf_counter() - started) * 1000
         # Given once an enclave runs, so that a failed init says one thing.
@@ -140,8 +142,9 @@ class Pal:
                   size=identity.size, took_ms=round(self.init_ms, 3))
 
     def _check_out(self, subtype, identity, image, oentry):
+        """A pooled enclave, mapped and held for this container, or None."""
         try:
-            got = self._client.check_out(subtype, identity)
+            got = self._client.check_out(subtype, identity, hold=True)
         except DaemonUnavailable as e:
             log.warning("epm_unreachable", error=str(e), action="building")
             self._client.close()
@@ -161,24 +164,25 @@ class Pal:
             # Our address space already uses part of the enclave's range:
             # the enclave is still good for another container, so return it.
             log.warning("enclave_mapping_conflict", error=str(e), action="building")
-            self._give_back(enclave, subtype)
+            self._give_back(enclave, got.pool_id, discard=False)
             return None
         except errors.SkeletonError as e:
             # Not what its identity promised (no entry record, a mapping the
             # kernel refuses): it must not go back to the pool.
             log.warning("pooled_enclave_unusable", id=got.pool_id, error=str(e),
                         action="discarding it and building")
-            enclave.close()
+            self._give_back(enclave, got.pool_id, discard=True)
             return None
+        self._pool_id = got.pool_id
         return enclave
 
-    def _give_back(self, enclave, subtype):
+    def _give_back(self, enclave, pool_id, discard):
+        """Make a held enclave we do not use available again, or discard it."""
         try:
-            pool_id = self._client.check_in(enclave.fd, subtype, enclave.layout,
-                                            enclave.identity)
-            self._client.save_final(pool_id)
+            self._client.save_final(pool_id, discard=discard)
         except EpmError as e:
-            log.warning("enclave_give_back_failed", error=str(e))
+            # It stays held until this process ends; the daemon discards it then.
+            log.warning("enclave_give_back_failed", id=pool_id, error=str(e))
         finally:
             enclave.close()
 

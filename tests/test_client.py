@@ -153,3 +153,27 @@ def test_checked_out_fd_maps_the_same_memory(daemon):
             assert m[SIZE - 1] == 0
     finally:
         os.close(got.fd)
+
+
+def test_check_out_with_hold_returns_the_held_entrys_id(daemon):
+    with Client(daemon.grpc_socket) as client:
+        pool_id = pooled(client, b"held")
+        got = client.check_out("skeleton-0.0.0", identity(), hold=True)
+        try:
+            assert got.pool_id == pool_id
+            assert os.pread(got.fd, 4, 0) == b"held"
+            assert client.check_out("skeleton-0.0.0", identity()) is None
+            assert [e.state for e in client.list()] == ["held"]
+            client.save_final(got.pool_id)
+            assert [e.state for e in client.list()] == ["available"]
+        finally:
+            os.close(got.fd)
+
+
+def test_save_final_with_discard_removes_the_held_enclave(daemon):
+    with Client(daemon.grpc_socket) as client:
+        pooled(client, b"bad")
+        got = client.check_out("skeleton-0.0.0", identity(), hold=True)
+        os.close(got.fd)
+        client.save_final(got.pool_id, discard=True)
+        assert client.list() == []

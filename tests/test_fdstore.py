@@ -20,7 +20,7 @@ import pytest
 from conftest import REPO, Daemon
 from epm_client import Client, Identity, LayoutEntry
 from epm_server import enclave, fdstore, systemd
-from epm_server.pool import Pool, State
+from epm_server.pool import Owner, Pool, State
 
 SIZE = 1 << 20
 BASE = 0x7E0000000000
@@ -405,3 +405,18 @@ def test_listen_fds_ignores_another_pid(monkeypatch):
     finally:
         os.close(r)
         os.close(w)
+
+
+def test_enclave_checked_out_with_hold_is_not_stored(store, fake_systemd):
+    """Held by a container, its memory is the container's: not the store's."""
+    pool, _ = store
+    entry_id = available(pool)
+    name = fdstore.fd_name(entry_id)
+    fake_systemd.wait_for(lambda s: name in s.store)
+
+    pool.lease(SUBTYPE, server_identity())
+    pool.hold(entry_id, Owner(pid=os.getpid(), uid=0))
+    fake_systemd.wait_for(lambda s: name not in s.store)
+
+    pool.save_final(entry_id)
+    fake_systemd.wait_for(lambda s: name in s.store)

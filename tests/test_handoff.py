@@ -463,3 +463,139 @@ def _drained_to_eof(sock, timeout):
     except TimeoutError:
         return False
     return True
+
+
+def hold_request():
+    return hpb.HandoffRequest(check_out=hpb.CheckOut(
+        subtype="skeleton-0.0.0", identity=identity(), hold=True))
+
+
+def entry_state(daemon, entry_id):
+    """The entry's state as ListCache shows it, or None when it left."""
+    from epm_client import Client as PoolClient
+    with PoolClient(daemon.grpc_socket) as client:
+        states = {e.id: e.state for e in client.list()}
+    return states.get(entry_id)
+
+
+def wait_for_state(daemon, entry_id, state, timeout=5):
+    deadline = time.monotonic() + timeout
+    while (entry_state(daemon, entry_id) != state
+           and time.monotonic() < deadline):
+        time.sleep(0.05)
+    return entry_state(daemon, entry_id)
+
+
+def test_check_out_with_hold_keeps_the_enclave_held_by_the_caller(daemon):
+    entry_id = pool_one(daemon.handoff_socket)
+    client = Client(daemon.handoff_socket)
+
+    reply, fds = client.call(hold_request())
+    assert reply.id == entry_id and len(fds) == 1
+    assert os.pread(fds[0], len(CONTENT), 0) == CONTENT
+    # The next request shows the reply was read: the hold is settled.
+    assert client.check_out()[0].enclave.layout == []
+
+    assert entry_state(daemon, entry_id) == "held"
+    assert client.save_final(entry_id).code == 0
+    assert entry_state(daemon, entry_id) == "available"
+    framing.close_all(fds)
+    client.close()
+
+
+def test_save_final_with_discard_closes_a_held_enclave(daemon):
+    entry_id = pool_one(daemon.handoff_socket)
+    client = Client(daemon.handoff_socket)
+    reply, fds = client.call(hold_request())
+    framing.close_all(fds)
+
+    discarded = client.call(hpb.HandoffRequest(
+        save_final=hpb.SaveFinal(id=reply.id, discard=True)))[0]
+
+    assert discarded.code == 0
+    assert entry_state(daemon, entry_id) is None
+    assert client.save_final(entry_id).code == 5
+    client.close()
+
+
+# Check out with hold, read the reply, and exit: the owner dies holding it.
+HOLD_CHILD = """
+import socket, sys, time
+from epm_api import framing, handoff_pb2 as hpb, v1alpha1_pb2 as pb
+ident = pb.EnclaveIdentity(mrenclave=b"\\x11" * 32, mrsigner=b"\\x22" * 32,
+                           attributes=4, xfrm=3, size=8192, backend="sim")
+sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+sock.connect(sys.argv[1])
+req = hpb.HandoffRequest(check_out=hpb.CheckOut(
+    subtype="skeleton-0.0.0", identity=ident, hold=True))
+framing.send_frame(sock, req.SerializeToString(), time.monotonic() + 5)
+if sys.argv[2] == "read":
+    payload, fds = framing.recv_frame(sock, time.monotonic() + 5)
+    print(hpb.HandoffReply.FromString(payload).id, len(fds))
+else:
+    time.sleep(0.2)  # the reply and its fd wait, unread, in our socket
+"""
+
+
+def test_enclave_held_by_a_check_out_is_discarded_when_its_owner_dies(daemon):
+    entry_id = pool_one(daemon.handoff_socket)
+
+    child = subprocess.run(
+        [sys.executable, "-c", HOLD_CHILD, str(daemon.handoff_socket), "read"],
+        capture_output=True, text=True, timeout=30, cwd=os.getcwd())
+
+    assert child.returncode == 0, child.stderr
+    assert child.stdout.split() == [entry_id, "1"]
+    assert wait_for_state(daemon, entry_id, None) is None
+    assert any(e["id"] == entry_id for e in daemon.events("enclave_owner_died"))
+
+
+def test_held_check_out_that_the_client_never_read_is_returned(daemon):
+    entry_id = pool_one(daemon.handoff_socket)
+
+    child = subprocess.run(
+        [sys.executable, "-c", HOLD_CHILD, str(daemon.handoff_socket), "unread"],
+        capture_output=True, text=True, timeout=30, cwd=os.getcwd())
+
+    assert child.returncode == 0, child.stderr
+    assert wait_for_state(daemon, entry_id, "available") == "available"
+    client = Client(daemon.handoff_socket)
+    reply, fds = client.check_out()
+    assert reply.id == entry_id and len(fds) == 1
+    framing.close_all(fds)
+    client.close()
+
+
+# Hold, save final, then wait for stdin to close before exiting.
+HOLD_AND_SAVE_CHILD = HOLD_CHILD + """
+req = hpb.HandoffRequest(save_final=hpb.SaveFinal(id=payload and
+                         hpb.HandoffReply.FromString(payload).id))
+framing.send_frame(sock, req.SerializeToString(), time.monotonic() + 5)
+print(hpb.HandoffReply.FromString(
+    framing.recv_frame(sock, time.monotonic() + 5)[0]).code, flush=True)
+sys.stdin.read()
+"""
+
+
+def test_a_former_holders_death_spares_the_next_holder(daemon):
+    """The entry keeps its ID from one holder to the next; the reaper's
+    watch on the first must not discard it from the second."""
+    entry_id = pool_one(daemon.handoff_socket)
+    first = subprocess.Popen(
+        [sys.executable, "-c", HOLD_AND_SAVE_CHILD, str(daemon.handoff_socket),
+         "read"], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+        cwd=os.getcwd())
+    assert first.stdout.readline().split() == [entry_id, "1"]
+    assert first.stdout.readline().strip() == "0"
+
+    client = Client(daemon.handoff_socket)
+    reply, fds = client.call(hold_request())
+    assert reply.id == entry_id
+    client.check_out()  # settles the hold
+    first.communicate(timeout=10)
+    time.sleep(1.5)  # three of the reaper's ticks
+
+    assert entry_state(daemon, entry_id) == "held"
+    assert client.save_final(entry_id).code == 0
+    framing.close_all(fds)
+    client.close()

@@ -6,6 +6,7 @@ import mmap
 import os
 import signal
 import socket
+import time
 
 import pytest
 from structlog.testing import capture_logs
@@ -62,6 +63,29 @@ def test_enclave_is_held_while_the_container_runs(daemon, images):
         pal.destroy()
 
 
+def test_pooled_enclave_stays_held_in_the_pool_while_the_container_runs(
+        daemon, images):
+    """A pool launch checks out with hold: the same entry, held, then available."""
+    args = f"sim epm-socket={daemon.grpc_socket}"
+    launch(images / "8", args)
+    with Client(daemon.grpc_socket) as client:
+        [before] = client.list()
+        pal = Pal()
+        pal.init(args, image_dir=images / "8")
+        try:
+            assert pal.source == "pool"
+            # Leased until the daemon sees the reply read: at its next tick.
+            deadline = time.monotonic() + 5
+            while (client.list()[0].state == "leased"
+                   and time.monotonic() < deadline):
+                time.sleep(0.01)
+            assert [(e.id, e.state) for e in client.list()] == [(before.id, "held")]
+        finally:
+            pal.destroy()
+        assert [(e.id, e.state) for e in client.list()] == [
+            (before.id, "available")]
+
+
 def test_pool_does_not_mix_image_sizes(daemon, images):
     args = f"sim epm-socket={daemon.grpc_socket}"
     launch(images / "8", args)
@@ -113,7 +137,7 @@ def test_mapping_conflict_returns_the_enclave_and_builds(daemon, images):
     with Client(daemon.grpc_socket) as client:
         entries = client.list()
     assert sorted(e.state for e in entries) == ["available", "available"]
-    assert entry.id not in [e.id for e in entries]
+    assert entry.id in [e.id for e in entries]
 
 
 def test_workload_is_killed_by_pal_kill(tmp_path, images):

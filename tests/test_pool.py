@@ -175,3 +175,72 @@ def test_close_closes_every_fd():
     _, ready = available(pool)
     pool.close()
     assert not fd_is_open(held) and not fd_is_open(ready)
+
+
+def test_hold_makes_a_leased_entry_held_by_its_new_owner():
+    pool = Pool(10, 10)
+    entry_id, fd = available(pool)
+    pool.lease("skeleton", IDENTITY)
+    holder = Owner(pid=2, uid=2000)
+
+    pool.hold(entry_id, holder)
+
+    entry = pool.get(entry_id)
+    assert (entry.state, entry.owner, entry.fd) == (State.HELD, holder, fd)
+    assert entry.origin == "handoff"
+    assert fd_is_open(fd)
+    pool.close()
+
+
+def test_held_by_hold_only_its_owner_saves_it_final():
+    pool = Pool(10, 10)
+    entry_id, _ = available(pool)
+    pool.lease("skeleton", IDENTITY)
+    pool.hold(entry_id, Owner(pid=2, uid=2000))
+
+    with pytest.raises(PermissionDenied, match="belongs to uid 2000, not 1000"):
+        pool.save_final(entry_id, uid=1000)
+    with pytest.raises(PermissionDenied):
+        pool.save_final(entry_id, uid=1000, discard=True)
+    with pytest.raises(FailedPrecondition, match="over the hand-off socket"):
+        pool.save_final(entry_id, legacy=True)
+    pool.save_final(entry_id, uid=2000)
+
+    assert pool.get(entry_id).state is State.AVAILABLE
+    pool.close()
+
+
+def test_hold_needs_a_lease():
+    pool = Pool(10, 10)
+    entry_id, _ = available(pool)
+    with pytest.raises(FailedPrecondition, match="cannot hold .* it is available"):
+        pool.hold(entry_id, OWNER)
+    pool.close()
+
+
+def test_save_final_with_discard_closes_the_held_enclave():
+    pool = Pool(10, 10)
+    entry_id, fd = check_in(pool)
+
+    pool.save_final(entry_id, uid=OWNER.uid, discard=True)
+
+    assert not fd_is_open(fd)
+    with pytest.raises(NotFound):
+        pool.get(entry_id)
+    pool.close()
+
+
+def test_discard_for_an_owner_spares_a_later_holder():
+    """An entry ID outlives its holder: a dead former holder's discard misses."""
+    pool = Pool(10, 10)
+    entry_id, _ = available(pool)
+    pool.lease("skeleton", IDENTITY)
+    pool.hold(entry_id, Owner(pid=2, uid=2000))
+
+    with pytest.raises(FailedPrecondition, match="not held by pid 1"):
+        pool.discard(entry_id, owner_pid=OWNER.pid)
+    pool.discard(entry_id, owner_pid=2)
+
+    with pytest.raises(NotFound):
+        pool.get(entry_id)
+    pool.close()

@@ -72,3 +72,19 @@ def test_unknown_fields_are_skipped():
 def test_malformed_reply_is_a_wire_error(data):
     with pytest.raises(wire.WireError):
         wire.parse_reply(data)
+
+
+@pytest.mark.parametrize("hold", [False, True])
+def test_check_out_request_with_hold_parses_as_the_stubs_build_it(hold):
+    got = hpb.HandoffRequest.FromString(
+        wire.check_out_request("sk-1", IDENTITY, hold=hold))
+    assert got == hpb.HandoffRequest(check_out=hpb.CheckOut(
+        subtype="sk-1", identity=IDENTITY.to_proto(), hold=hold))
+
+
+@pytest.mark.parametrize("discard", [False, True])
+def test_save_final_request_with_discard_parses_as_the_stubs_build_it(discard):
+    got = hpb.HandoffRequest.FromString(
+        wire.save_final_request("abc", discard=discard))
+    assert got == hpb.HandoffRequest(
+        save_final=hpb.SaveFinal(id="abc", discard=discard))
