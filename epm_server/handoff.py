@@ -33,7 +33,7 @@ from google.protobuf.message import DecodeError
 
 from epm_api import framing
 from epm_api import handoff_pb2
-from epm_server import fdcheck
+from epm_server import fdcheck, metrics
 from epm_server.delivery import Delivery, delivery_state
 from epm_server.enclave import (
     check_layout_fits, enclave_proto, identity_from_proto, layout_from_proto,
@@ -319,6 +319,7 @@ class HandoffServer:
 
     def _refuse(self, sock, code, message):
         """Tell a peer we drop why, if its socket takes it at once; close it."""
+        metrics.refusal_code(code)
         reply = handoff_pb2.HandoffReply(code=code, message=message)
         payload = reply.SerializeToString()
         try:
@@ -344,6 +345,7 @@ class HandoffServer:
                 self._pool.release(lease)  # the fd never left
             else:
                 # The peer may hold the fd: it must never go to another.
+                self._count_unconfirmed(lease)
                 self._pool.hand_out(lease)
         self._close(conn)
 
@@ -409,6 +411,7 @@ class HandoffServer:
 
     def _refuse_frame(self, conn, reason):
         log.info("handoff_bad_frame", reason=reason, pid=conn.peer.pid)
+        metrics.refusal_code(_INVALID_ARGUMENT)
         reply = handoff_pb2.HandoffReply(code=_INVALID_ARGUMENT, message=reason)
         payload = reply.SerializeToString()
         try:
@@ -417,8 +420,12 @@ class HandoffServer:
             pass
 
     def _serve(self, conn, payload, fds):
-        """Answer one request; return False to close the connection."""
-        peer = conn.peer
+        """Answer one request; return False to close the connection.
+
+        Its time, from the frame read to the reply handed to the socket, is
+        observed by operation (a check-out's settlement comes later).
+        """
+        started = time.perf_counter()
         try:
             request = handoff_pb2.HandoffRequest.FromString(payload)
         except DecodeError:
@@ -427,7 +434,16 @@ class HandoffServer:
             return False
         kind = request.WhichOneof("request")
         if kind == "check_out" and not fds:
-            return self._check_out(conn, request.check_out)
+            served = self._check_out(conn, request.check_out)
+        else:
+            served = self._answer(conn, request, kind, fds)
+        if kind is not None:
+            metrics.handoff_duration(kind, time.perf_counter() - started)
+        return served
+
+    def _answer(self, conn, request, kind, fds):
+        """Answer a request other than a check-out; False to close."""
+        peer = conn.peer
         try:
             if kind == "check_in":
                 reply = self._check_in(request.check_in, fds, peer)
@@ -443,6 +459,7 @@ class HandoffServer:
         except EpmError as e:
             log.info("handoff_refused", request=kind, code=e.code, reason=str(e),
                      pid=peer.pid)
+            metrics.refusal(e)
             reply = handoff_pb2.HandoffReply(code=e.code, message=str(e))
         return self._send(conn, reply.SerializeToString())
 
@@ -511,6 +528,13 @@ class HandoffServer:
                 return
             self._read(conn)
 
+    def _count_unconfirmed(self, entry_id):
+        """Count a check-out whose fd may have left, its reply unconfirmed."""
+        try:
+            metrics.failed_handoff(self._pool.get(entry_id).subtype)
+        except EpmError:
+            pass  # gone meanwhile (flushed at shutdown): nothing to name
+
     def _watch(self, conn, mask):
         if conn.mask != mask:
             self._epoll.modify(conn.fileno, mask)
@@ -534,6 +558,8 @@ class HandoffServer:
             log.info("enclave_returned", id=entry_id, reason="client closed unread")
             self._close(conn)
             return False
+        if outcome is Delivery.UNKNOWN:
+            self._count_unconfirmed(entry_id)
         if conn.hold:
             # Unknown counts as read here too: held, the enclave still goes
             # to no one else, and the reaper discards it if the client dies.
@@ -588,6 +614,7 @@ class HandoffServer:
                 raise InvalidArgument("check_out.identity: required")
             identity = identity_from_proto(msg.identity, "check_out.identity")
         except EpmError as e:
+            metrics.refusal(e)
             reply = handoff_pb2.HandoffReply(code=e.code, message=str(e))
             return self._send(conn, reply.SerializeToString())
         entry = self._pool.lease(subtype, identity)

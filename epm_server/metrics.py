@@ -23,8 +23,9 @@ CHECKOUTS = prometheus_client.Counter(
     "epm_checkouts", "Check-outs by subtype: hit (an enclave was leased) or "
     "miss (none available).", ["subtype", "result"], registry=REGISTRY)
 FAILED_HANDOFFS = prometheus_client.Counter(
-    "epm_failed_handoffs", "Leased enclaves whose hand-off failed and that "
-    "went back to the pool.", ["subtype"], registry=REGISTRY)
+    "epm_failed_handoffs", "Check-outs whose hand-off failed: the enclave "
+    "went back to the pool, or its fd may have left with the reply unconfirmed.",
+    ["subtype"], registry=REGISTRY)
 REFUSALS = prometheus_client.Counter(
     "epm_refusals", "Requests refused, by reason (the error's status name).",
     ["reason"], registry=REGISTRY)
@@ -61,7 +62,7 @@ def checkout(subtype, hit):
 
 
 def failed_handoff(subtype):
-    """Count one hand-off that failed and returned its enclave."""
+    """Count one hand-off that failed (returned, or its delivery unconfirmed)."""
     FAILED_HANDOFFS.labels(subtype).inc()
 
 

@@ -1,10 +1,14 @@
 """The Prometheus endpoint: opt-in, loopback, and what a scrape shows."""
 
+import os
+import socket
+import time
 import urllib.request
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from epm_api import framing
 from epm_client import Client, errors
 from epm_server import config
 from epm_server.errors import ConfigError
@@ -86,3 +90,30 @@ def test_refusals_by_code_use_the_same_reasons():
     metrics.refusal(ResourceExhausted("full"))
     metrics.refusal_code(8)
     assert metrics.REFUSALS.labels("resource_exhausted")._value.get() == before + 2
+
+
+def test_scrape_shows_handoff_latency_and_refusals(make_daemon):
+    daemon = make_daemon('[metrics]\naddress = "127.0.0.1:0"\n')
+    with Client(daemon.grpc_socket) as client:
+        pooled(client, b"a")
+        got = client.check_out(SUBTYPE, identity(), hold=True)
+        client.save_final(got.pool_id)
+        with pytest.raises(errors.NotFound):
+            client.save_final("no-such-id")
+        os.close(got.fd)
+    # A frame that is no HandoffRequest: refused with code 3.
+    bad = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    bad.connect(str(daemon.handoff_socket))
+    bad.sendall(framing.HEADER.pack(3) + b"\xff\xff\xff")
+    assert framing.recv_frame(bad, time.monotonic() + 5) is not None
+    bad.close()
+
+    samples = scrape(daemon)
+
+    for operation, count in (("check_out", 1), ("check_in", 1),
+                             ("save_final", 3)):
+        assert value(samples, "epm_handoff_duration_seconds_count",
+                     operation=operation) == count
+    assert value(samples, "epm_refusals_total", reason="not_found") == 1
+    assert value(samples, "epm_refusals_total", reason="invalid_argument") == 1
+    assert value(samples, "epm_failed_handoffs_total", subtype=SUBTYPE) == 0
