@@ -15,7 +15,7 @@ import socket
 import sqlite3
 import stat
 import sys
-import threading
+import time
 
 import structlog
 
@@ -78,9 +78,12 @@ def main(argv=None):
 
 def run(cfg):
     """Serve until SIGTERM or SIGINT; return 0. Raises StartupError, OSError."""
-    stop = threading.Event()
+    # The handler only appends: it runs in the main thread between bytecodes,
+    # and one that took a lock (threading.Event.set does) could deadlock on
+    # a lock the main thread held at that moment, ignoring the signal.
+    signals = []
     for signum in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(signum, lambda *_: stop.set())
+        signal.signal(signum, lambda signum, _: signals.append(signum))
     for path in (cfg.grpc_address, cfg.handoff_path):
         _prepare_socket_path(path, cfg.uid, cfg.gid)
     _remove_stale_legacy_sockets(cfg.socket_dir)
@@ -120,10 +123,11 @@ def run(cfg):
         _notify(b"READY=1\nSTATUS=serving")
         prewarmer.start()
         watchdog = _start_watchdog(handoff, cfg.grpc_address)
-        # A timed wait, so that the signal handler runs promptly.
-        while not stop.wait(1.0):
-            pass
-        logger.info("epm_stopping")
+        # sleep() returns early enough: a signal interrupts it, the handler
+        # runs, and the loop looks again.
+        while not signals:
+            time.sleep(0.2)
+        logger.info("epm_stopping", signal=signal.Signals(signals[0]).name)
         # Health checks see NOT_SERVING before any call is refused.
         server.start_shutdown()
         _notify(b"STOPPING=1\nSTATUS=stopping")
