@@ -21,6 +21,7 @@ import structlog
 
 from epm_server import config, log
 from epm_server.bundle import BundleCaches
+from epm_server.enclave import Identity
 from epm_server.errors import ConfigError
 from epm_server.fdstore import FdStore
 from epm_server.handoff import HandoffServer
@@ -65,19 +66,50 @@ def main(argv=None):
     args = parser.parse_args(argv)
     try:
         cfg = config.load(args.config)
+        not_recycled = _not_recycled(cfg.prewarm)
     except ConfigError as e:
         print(f"epm: {e}", file=sys.stderr)
         return 2
     log.configure(args.log_level)
     try:
-        return run(cfg)
+        return run(cfg, not_recycled)
     except (StartupError, OSError, RuntimeError) as e:
         print(f"epm: {e}", file=sys.stderr)
         return 1
 
 
-def run(cfg):
-    """Serve until SIGTERM or SIGINT; return 0. Raises StartupError, OSError."""
+def _not_recycled(prewarm):
+    """(subtype, identity) of each pre-warmed image whose pool does not recycle.
+
+    Other images of the same subtype (the skeleton's sizes share one) still
+    recycle. Reads each image; raises ConfigError naming the table whose
+    image cannot be read, so a mistyped path stops the daemon at start.
+    """
+    if not prewarm:
+        return []
+    # Imported here: a daemon without [[prewarm]] never loads the skeleton.
+    from skeleton.errors import SkeletonError
+    from skeleton.image import load_image
+    found = []
+    for i, spec in enumerate(prewarm):
+        try:
+            ident = load_image(spec.image).identity(spec.backend)
+        except SkeletonError as e:
+            raise ConfigError(f"prewarm[{i}].image: {e}") from None
+        if not spec.recycle:
+            found.append((spec.subtype, Identity(
+                mrenclave=bytes(ident.mrenclave), mrsigner=bytes(ident.mrsigner),
+                attributes=ident.attributes, xfrm=ident.xfrm, size=ident.size,
+                backend=ident.backend)))
+    return found
+
+
+def run(cfg, not_recycled=()):
+    """Serve until SIGTERM or SIGINT; return 0. Raises StartupError, OSError.
+
+    ``not_recycled`` lists the (subtype, identity) pairs whose returned
+    enclaves are closed instead of pooled again.
+    """
     # The handler only appends: it runs in the main thread between bytecodes,
     # and one that took a lock (threading.Event.set does) could deadlock on
     # a lock the main thread held at that moment, ignoring the signal.
@@ -91,7 +123,7 @@ def run(cfg):
     bundles = BundleCaches(cfg.root, records, AllowedRoots(
         cfg.allowed_roots, private=(cfg.root, cfg.db_path)))
     pool = Pool(_pool_capacity(cfg), cfg.max_per_identity, cfg.legacy_max_pending,
-                no_recycle=[s.subtype for s in cfg.prewarm if not s.recycle])
+                no_recycle=not_recycled)
     fdstore = FdStore(pool, os.path.join(cfg.root, "fdstore"))
     fdstore.start()
     fdstore.adopt(systemd.listen_fds())

@@ -107,8 +107,8 @@ class Pool:
     def __init__(self, max_total, max_per_identity, max_pending=16,
                  no_recycle=()):
         self._max_total = max_total
-        # Subtypes whose returned enclaves are closed at save-final: a
-        # recycled enclave carries its previous tenant's memory.
+        # (subtype, identity) pairs whose returned enclaves are closed at
+        # save-final: a recycled enclave carries its previous tenant's memory.
         self._no_recycle = frozenset(no_recycle)
         self._on_hand_out = []
         self._observers = []
@@ -171,7 +171,7 @@ class Pool:
         Unavailable, FailedPrecondition (its subtype is not recycled now and
         a container returned it).
         """
-        if subtype in self._no_recycle and origin != "prewarm":
+        if (subtype, identity) in self._no_recycle and origin != "prewarm":
             raise FailedPrecondition(f"enclave {entry_id}: subtype "
                                      f"{shown(subtype, quoted=True)} is not recycled")
         return self._add(entry_id, subtype, identity, layout, fd, State.AVAILABLE,
@@ -224,7 +224,8 @@ class Pool:
                 log.info("enclave_discarded_by_owner", id=entry_id,
                          subtype=entry.subtype)
                 return
-            if entry.subtype in self._no_recycle and entry.origin != "prewarm":
+            if ((entry.subtype, entry.identity) in self._no_recycle
+                    and entry.origin != "prewarm"):
                 self._transition(entry_id, "retire")
                 log.info("enclave_not_recycled", id=entry_id,
                          subtype=entry.subtype)

@@ -103,3 +103,32 @@ def test_recycle_on_reuses_a_returned_enclave(make_daemon, images):
 def test_a_bad_prewarm_table_is_named(table, message):
     with pytest.raises(ConfigError, match=message):
         config.parse({"prewarm": [table]})
+
+
+def test_other_images_of_a_pre_warmed_subtype_still_recycle(make_daemon, images):
+    """Recycle off applies to the pre-warmed image, not to its whole subtype.
+
+    The skeleton's sizes share one subtype: pre-warming the 8 MiB image must
+    not stop 32 MiB enclaves from going back to the pool.
+    """
+    daemon = make_daemon(prewarm_config(images, count=1))
+    from test_pal import launch
+    args = f"sim epm-socket={daemon.grpc_socket} subtype={SUBTYPE}"
+    assert launch(images / "32", args)[0] == "built"
+    assert launch(images / "32", args)[0] == "pool"
+    assert daemon.events("enclave_not_recycled") == []
+
+
+def test_a_pre_warmed_image_that_cannot_be_read_stops_the_daemon(tmp_path):
+    import subprocess
+    import sys
+    cfg = tmp_path / "config.toml"
+    cfg.write_text(f'[grpc]\naddress = "{tmp_path}/run/epm.sock"\n'
+                   f'[[prewarm]]\nimage = "{tmp_path}/missing"\n'
+                   'subtype = "s"\ncount = 1\n')
+    result = subprocess.run([sys.executable, "-m", "epm_server.main", "--config",
+                             str(cfg)], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2
+    assert result.stderr.startswith("epm: prewarm[0].image: ")
+    assert "encl.bin" in result.stderr and len(result.stderr.splitlines()) == 1
+    assert not (tmp_path / "run" / "epm.sock").exists()
