@@ -171,7 +171,11 @@ def health(socket_path, service):
     """
     from epm_client.admin import SERVING, AdminClient
     with AdminClient(socket_path) as admin:
-        status = admin.health(service)
+        try:
+            status = admin.health(service)
+        except errors.NotFound:
+            raise errors.NotFound(
+                f"the daemon reports no health for service {service!r}") from None
     click.echo(status)
     if status != SERVING:
         raise _Abort("", EXIT_NOT_SERVING)

@@ -66,10 +66,11 @@ def from_code(code, message):
     number = code.value[0] if isinstance(getattr(code, "value", None), tuple) \
         else int(code)
     cls = _BY_NUMBER.get(number, EpmError)
-    if cls is not EpmError:
-        return cls(message)
     name = STATUS_NAMES[number] if 0 <= number < len(STATUS_NAMES) else str(number)
-    return cls(f"{name}: {message}")
+    if cls is not EpmError:
+        # A status without details still says what it is.
+        return cls(message or name.lower().replace("_", " "))
+    return cls(f"{name}: {message}" if message else name)
 
 
 def from_rpc_error(error):

@@ -215,3 +215,10 @@ def test_flush_of_the_enclave_pool_is_one_admin_call(daemon):
             assert admin.flush("other") == (0, 0)
             assert admin.flush() == (3, 1)
         assert [e.state for e in client.list()] == ["held"]
+
+
+def test_health_of_an_unknown_service_names_it(daemon):
+    result = epmctl(daemon.grpc_socket, "health", "--service", "nope")
+    assert result.returncode == 1
+    assert result.stderr == ("epmctl: the daemon reports no health for service "
+                             "'nope'\n")
