@@ -5,15 +5,12 @@ They go over the daemon's gRPC socket: ``grpc.health.v1`` and our own
 same exceptions as ``epm_client.Client``.
 """
 
-import socket
-
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from epm_api import admin_pb2, admin_pb2_grpc
 from epm_client import errors
-from epm_client.client import (CONNECT_TIMEOUT_S, RPC_TIMEOUT_S, _unreachable,
-                               default_socket)
+from epm_client.client import RPC_TIMEOUT_S, default_socket, probe_socket
 
 SERVING = "SERVING"
 
@@ -71,16 +68,7 @@ class AdminClient:
 
     def _connect(self):
         if self._channel is None:
-            # As in Client: a plain connect tells a missing, stale or
-            # forbidden socket apart, which gRPC reports alike.
-            probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            probe.settimeout(CONNECT_TIMEOUT_S)
-            try:
-                probe.connect(self.socket_path)
-            except OSError as e:
-                raise _unreachable(self.socket_path, e) from None
-            finally:
-                probe.close()
+            probe_socket(self.socket_path)
             self._channel = grpc.insecure_channel(f"unix:{self.socket_path}")
         return self._channel
 

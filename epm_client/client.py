@@ -264,16 +264,7 @@ class Client:
         import grpc
         from epm_api import v1alpha1_pb2_grpc as pb_grpc
         if self._stub is None:
-            # gRPC reports every failure to connect as UNAVAILABLE; one plain
-            # connect first tells a missing, stale or forbidden socket apart.
-            probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            probe.settimeout(CONNECT_TIMEOUT_S)
-            try:
-                probe.connect(self.socket_path)
-            except OSError as e:
-                raise _unreachable(self.socket_path, e) from None
-            finally:
-                probe.close()
+            probe_socket(self.socket_path)
             self._channel = grpc.insecure_channel(f"unix:{self.socket_path}")
             self._stub = pb_grpc.EnclavePoolManagerStub(self._channel)
         try:
@@ -381,6 +372,22 @@ def _fds_from(ancdata):
             usable = len(data) - len(data) % array.array("i").itemsize
             fds.extend(array.array("i", data[:usable]))
     return fds
+
+
+def probe_socket(path):
+    """Connect to ``path`` once and close; raise the client's exception if not.
+
+    gRPC reports every failure to connect as UNAVAILABLE; one plain connect
+    first tells a missing, stale or forbidden socket apart.
+    """
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    probe.settimeout(CONNECT_TIMEOUT_S)
+    try:
+        probe.connect(path)
+    except OSError as e:
+        raise _unreachable(path, e) from None
+    finally:
+        probe.close()
 
 
 def _unreachable(path, error):
