@@ -397,6 +397,10 @@ def main():
                         help="only the cold launch, RUNS times; print, write nothing")
     args = parser.parse_args()
     structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(40))
+    # The sim backend's report secret (created when a PAL library loads)
+    # goes to a directory of this run's, not to /var/lib/epm.
+    secret_dir = tempfile.TemporaryDirectory(prefix="epm-bench-secret-")
+    os.environ.setdefault("EPM_SIM_SECRET_DIR", secret_dir.name)
     if args.cold_only:
         print(json.dumps(cold_only(args.images, args.cold_only), indent=2))
         return
