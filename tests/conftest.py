@@ -119,6 +119,26 @@ def sim_secret_dir(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def make_signed_image(tmp_path_factory):
+    """A factory: a new directory with encl.bin, key.pem and encl.ss.
+
+    The image is built from skeleton/enclave and signed with a fresh key for
+    the given mmap size (``sgxsign`` options as keyword arguments).
+    """
+    from skeleton import build_image, sgxsign
+
+    def make(mmap_size, **options):
+        directory = tmp_path_factory.mktemp("image")
+        build_image.build(directory / "encl.bin")
+        sgxsign.generate_key(directory / "key.pem")
+        sgxsign.sign(directory / "key.pem", directory / "encl.bin",
+                     directory / "encl.ss", mmap_size=mmap_size, **options)
+        return directory
+
+    return make
+
+
+@pytest.fixture(scope="session")
 def images():
     """Directory of signed images, one subdirectory per size in MiB."""
     if not (IMAGES / "8" / "encl.ss").exists():

@@ -8,7 +8,6 @@ import sys
 
 import pytest
 
-from skeleton import build_image, sgxsign
 from skeleton.backends import sim
 from skeleton.enclave import Enclave, release
 from skeleton.errors import MappingConflict
@@ -39,13 +38,8 @@ with Enclave.adopt(fds[0], layout, identity) as enclave:
 
 
 @pytest.fixture(scope="module")
-def image(tmp_path_factory):
-    directory = tmp_path_factory.mktemp("image")
-    build_image.build(directory / "encl.bin")
-    sgxsign.generate_key(directory / "key.pem")
-    sgxsign.sign(directory / "key.pem", directory / "encl.bin",
-                 directory / "encl.ss", mmap_size=1 << 20)
-    return load_image(directory)
+def image(make_signed_image):
+    return load_image(make_signed_image(1 << 20))
 
 
 def _mapped(addr):

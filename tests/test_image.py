@@ -13,14 +13,9 @@ PAGE = 4096
 
 
 @pytest.fixture(scope="module")
-def signed(tmp_path_factory):
+def signed(make_signed_image):
     """A directory with an image signed for an 8 MiB mmap size."""
-    directory = tmp_path_factory.mktemp("image")
-    build_image.build(directory / "encl.bin")
-    sgxsign.generate_key(directory / "key.pem")
-    sgxsign.sign(directory / "key.pem", directory / "encl.bin",
-                 directory / "encl.ss", mmap_size=8 << 20)
-    return directory
+    return make_signed_image(8 << 20)
 
 
 @pytest.fixture

@@ -6,7 +6,7 @@ import shutil
 
 import pytest
 
-from skeleton import attest, build_image, report, sgxsign
+from skeleton import attest, report, sgxsign
 from skeleton.backends import sim
 from skeleton.errors import SkeletonError
 from skeleton.image import load_image
@@ -22,13 +22,8 @@ def secret_dir(tmp_path, monkeypatch):
 
 
 @pytest.fixture(scope="module")
-def signed(tmp_path_factory):
-    directory = tmp_path_factory.mktemp("image")
-    build_image.build(directory / "encl.bin")
-    sgxsign.generate_key(directory / "key.pem")
-    sgxsign.sign(directory / "key.pem", directory / "encl.bin",
-                 directory / "encl.ss", mmap_size=1 << 20, date=None)
-    return directory
+def signed(make_signed_image):
+    return make_signed_image(1 << 20)
 
 
 @pytest.fixture(scope="module")

@@ -14,7 +14,7 @@ import subprocess
 
 import pytest
 
-from skeleton import build_image, sgxsign
+from skeleton import sgxsign
 from skeleton.backends import get_backend, sgx
 from skeleton.enclave import MAP_ANONYMOUS, MAP_NORESERVE, MAP_PRIVATE, _mmap, release
 from skeleton.errors import BackendError, EinitError
@@ -136,13 +136,8 @@ class RecordingDevice(sgx.Driver):
 
 
 @pytest.fixture(scope="module")
-def signed(tmp_path_factory):
-    directory = tmp_path_factory.mktemp("image")
-    build_image.build(directory / "encl.bin")
-    sgxsign.generate_key(directory / "key.pem")
-    sgxsign.sign(directory / "key.pem", directory / "encl.bin",
-                 directory / "encl.ss", mmap_size=3 << 20)
-    return directory
+def signed(make_signed_image):
+    return make_signed_image(3 << 20)
 
 
 def _measure(pages, size, ssa):

@@ -7,7 +7,7 @@ import shutil
 import pytest
 from cryptography.hazmat.primitives.asymmetric import rsa
 
-from skeleton import build_image, cpu, sgxsign
+from skeleton import cpu, sgxsign
 from skeleton import image as image_module
 from skeleton.backends import SGX_DEVICE, get_backend, sim
 from skeleton.errors import BackendError, EinitError, SkeletonError
@@ -19,14 +19,9 @@ GREETING = "Hello Inclavare Containers!"
 
 
 @pytest.fixture(scope="module")
-def signed(tmp_path_factory):
+def signed(make_signed_image):
     """A directory with a 1 MiB image and the key that signed it."""
-    directory = tmp_path_factory.mktemp("image")
-    build_image.build(directory / "encl.bin")
-    sgxsign.generate_key(directory / "key.pem")
-    sgxsign.sign(directory / "key.pem", directory / "encl.bin",
-                 directory / "encl.ss", mmap_size=1 << 20)
-    return directory
+    return make_signed_image(1 << 20)
 
 
 @pytest.fixture
