@@ -26,10 +26,11 @@ import uuid
 REPO = pathlib.Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
+sys.path.insert(0, str(REPO / "tests"))
 
 import structlog  # noqa: E402
 
-from daemon import Daemon  # noqa: E402
+from live_daemon import Daemon  # noqa: E402
 from epm_client import Client, Identity, LayoutEntry  # noqa: E402
 from epm_client.admin import AdminClient  # noqa: E402
 from report import print_table, write_markdown  # noqa: E402
@@ -335,7 +336,7 @@ def build_speed(images, runs):
 
 def pool10k(tmp, count):
     (tmp / "pool10k").mkdir()
-    daemon = Daemon(tmp / "pool10k", extra_config=(
+    daemon = Daemon(tmp / "pool10k", log_level="info", extra_config=(
         f"[pool]\nmax_total = {count}\nmax_per_identity = {count}\n")).start()
     try:
         client = Client(daemon.grpc_socket)
@@ -416,7 +417,7 @@ def cold_only(images, runs):
     with tempfile.TemporaryDirectory(prefix="epm-bench-") as tmp:
         tmp = pathlib.Path(tmp)
         (tmp / "main").mkdir()
-        daemon = Daemon(tmp / "main").start()
+        daemon = Daemon(tmp / "main", log_level="info").start()
         try:
             total, dlopen = cold_launches(images, daemon, tmp, runs)
         finally:
@@ -433,7 +434,7 @@ def run(images, scale):
     with tempfile.TemporaryDirectory(prefix="epm-bench-") as tmp:
         tmp = pathlib.Path(tmp)
         (tmp / "main").mkdir()
-        daemon = Daemon(tmp / "main").start()
+        daemon = Daemon(tmp / "main", log_level="info").start()
         try:
             built, pooled, pooled_p99 = launches(images, daemon, n["launch"])
             results["launch_build_ms"] = built

@@ -13,7 +13,6 @@ exits 1 on any error, on fd growth, or on memory growth past --max-rss-growth.
 
 import argparse
 import json
-import os
 import pathlib
 import subprocess
 import sys

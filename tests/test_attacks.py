@@ -6,22 +6,20 @@ where the attack needs the daemon's own process), and checks the refusal.
 
 import os
 import socket
-import threading
 import time
 
 import grpc
 import pytest
 
 from conftest import Daemon
-from epm_api import framing
 from epm_api import v1alpha1_pb2 as pb
 from epm_api import v1alpha1_pb2_grpc as pb_grpc
 from epm_server.enclave import Identity, LayoutEntry
 from epm_server.errors import AlreadyExists, Unavailable
 from epm_server.legacy import LegacyHandoff
 from epm_server.peers import PeerPolicy
-from epm_server.pool import ANY_IDENTITY, Owner, Pool, State
-from test_handoff import Client, enclave, identity, pool_one, sealed_memfd
+from epm_server.pool import Owner, Pool, State
+from test_handoff import Client, enclave, pool_one, sealed_memfd
 from test_service import (
     POOL, code_of, legacy_save_request, listed, send_fd, wait_for_state)
 

@@ -10,7 +10,6 @@ import grpc
 import pytest
 
 from conftest import Daemon
-from epm_api import v1alpha1_pb2 as pb
 from epm_server.reconcile import reconcile
 from epm_server.records import Record, Records
 from test_bundle import T0, T1, Bundles, bundles, read_tree  # noqa: F401

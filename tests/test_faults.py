@@ -15,7 +15,7 @@ import pytest
 from conftest import REPO
 from epm_api import v1alpha1_pb2 as pb
 from epm_api import v1alpha1_pb2_grpc as pb_grpc
-from test_handoff import CONTENT, Client, pool_one, sealed_memfd, wait_for_fds
+from test_handoff import CONTENT, Client, pool_one, wait_for_fds
 from test_load import WORKER, entries, wait_until
 
 POOL = "enclave-cache-pool"

@@ -10,14 +10,13 @@ import fcntl
 import json
 import os
 import socket
-import subprocess
 import sys
 import threading
 import time
 
 import pytest
 
-from conftest import REPO, Daemon
+from conftest import Daemon
 from epm_client import Client, Identity, LayoutEntry
 from epm_server import enclave, fdstore, systemd
 from epm_server.pool import Owner, Pool, State
@@ -143,25 +142,11 @@ class RestartedDaemon(Daemon):
         self.listen_pid = listen_pid
 
     def start(self, timeout=30):
-        self._log_file = open(self.log, "ab")
         fds = [fd for fd, _ in self.passed]
         names = ":".join(name for _, name in self.passed)
-        self.proc = subprocess.Popen(
-            [sys.executable, "-c", WRAPPER, str(len(fds)), self.listen_pid, names,
-             *map(str, fds), "-m", "epm_server.main", "--config", str(self.config),
-             "--log-level", "debug"],
-            stdout=self._log_file, stderr=subprocess.STDOUT, cwd=REPO,
-            pass_fds=fds)
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"epm exited with {self.proc.returncode}:\n"
-                                   + self.log.read_text())
-            if self.grpc_socket.exists() and self.handoff_socket.exists():
-                return self
-            time.sleep(0.05)
-        self.stop()
-        raise RuntimeError("epm did not start in time:\n" + self.log.read_text())
+        argv = [sys.executable, "-c", WRAPPER, str(len(fds)), self.listen_pid,
+                names, *map(str, fds), *self.command()[1:]]
+        return self._launch(argv, timeout, pass_fds=fds)
 
 
 def sealed_memfd(content, size=SIZE):

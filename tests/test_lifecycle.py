@@ -7,11 +7,8 @@ import subprocess
 import sys
 import time
 
-import grpc
 
 from conftest import REPO, Daemon
-from epm_api import v1alpha1_pb2 as pb
-from epm_api import v1alpha1_pb2_grpc as pb_grpc
 from epm_client.client import Client
 from load_worker import IDENTITY, LAYOUT, SUBTYPE, build
 from test_bundle import FILES, T0, Bundles, read_tree
