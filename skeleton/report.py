@@ -14,9 +14,7 @@ import hashlib
 import hmac
 import os
 
-from cryptography.hazmat.primitives import cmac
-from cryptography.hazmat.primitives.ciphers import algorithms
-
+from skeleton import openssl
 from skeleton.errors import SkeletonError
 from skeleton.structs import (REPORT, REPORT_BODY_SIZE, REPORT_DATA_SIZE,
                               TARGETINFO)
@@ -78,12 +76,6 @@ def _load_secret(directory):
     return secret
 
 
-def _cmac(key, data):
-    mac = cmac.CMAC(algorithms.AES(key))
-    mac.update(data)
-    return mac.finalize()
-
-
 def keyid(secret):
     """The KEYID this host puts in its reports (per host, as hardware's is per boot)."""
     return hashlib.sha256(_KEYID_LABEL + secret).digest()
@@ -99,7 +91,7 @@ def report_key(secret, targetinfo, key_id):
     dependencies = (_KEY_LABEL + key_id + t.mrenclave
                     + t.attributes.to_bytes(8, "little") + t.xfrm.to_bytes(8, "little")
                     + t.miscselect.to_bytes(4, "little"))
-    return _cmac(secret, dependencies)
+    return openssl.aes_cmac(secret, dependencies)
 
 
 def targetinfo_for(mrenclave, attributes, xfrm, miscselect=0):
@@ -128,7 +120,7 @@ def ereport(secret, targetinfo, report_data, *, mrenclave, mrsigner, attributes,
         mrenclave=mrenclave, mrsigner=mrsigner, isvprodid=isvprodid,
         isvsvn=isvsvn, report_data=bytes(report_data), keyid=key_id))
     key = report_key(secret, bytes(targetinfo), key_id)
-    REPORT.set(report, "mac", _cmac(key, bytes(report[:REPORT_BODY_SIZE])))
+    REPORT.set(report, "mac", openssl.aes_cmac(key, bytes(report[:REPORT_BODY_SIZE])))
     return bytes(report)
 
 
@@ -145,7 +137,7 @@ def verify_report(secret, report, targetinfo):
                           f"{len(targetinfo)}")
     record = REPORT.unpack(bytes(report))
     key = report_key(secret, bytes(targetinfo), record.keyid)
-    expected = _cmac(key, bytes(report[:REPORT_BODY_SIZE]))
+    expected = openssl.aes_cmac(key, bytes(report[:REPORT_BODY_SIZE]))
     if not hmac.compare_digest(expected, record.mac):
         raise ReportError("REPORT MAC does not verify for this target: it was "
                           "made for another enclave or altered")

@@ -9,13 +9,9 @@ explicitly.
 import fcntl
 import os
 
-from cryptography.exceptions import InvalidSignature
-from cryptography.hazmat.primitives import hashes
-from cryptography.hazmat.primitives.asymmetric import padding, rsa
-
 from epm_client.types import LayoutEntry
 from skeleton.enclave import Enclave, release, reserve_aligned
-from skeleton import cpu
+from skeleton import cpu, openssl
 from skeleton.errors import EinitError
 from skeleton.measure import Measurement, pages
 from skeleton.structs import (ATTR_DEBUG, ATTR_MODE64BIT, DEBUG_MARKER,
@@ -126,13 +122,13 @@ def einit(image, mrenclave, attributes, xfrm, miscselect=0):
     modulus = int.from_bytes(sig.modulus, "little")
     signature = int.from_bytes(sig.signature, "little")
     try:
-        key = rsa.RSAPublicNumbers(SIGSTRUCT_EXPONENT, modulus).public_key()
-        key.verify(signature.to_bytes(len(sig.signature), "big"),
-                   signed_bytes(image.sigstruct_bytes), padding.PKCS1v15(),
-                   hashes.SHA256())
-    except (InvalidSignature, ValueError):
-        raise EinitError("SIGSTRUCT signature does not verify with its modulus") \
-            from None
+        verified = openssl.rsa_verify_sha256(
+            modulus, SIGSTRUCT_EXPONENT, signature.to_bytes(len(sig.signature), "big"),
+            signed_bytes(image.sigstruct_bytes))
+    except openssl.OpenSSLError as e:
+        raise EinitError(f"cannot check the SIGSTRUCT signature: {e}") from None
+    if not verified:
+        raise EinitError("SIGSTRUCT signature does not verify with its modulus")
     q1 = signature ** 2 // modulus
     q2 = (signature ** 3 - q1 * signature * modulus) // modulus
     if (int.from_bytes(sig.q1, "little"), int.from_bytes(sig.q2, "little")) != (q1, q2):

@@ -132,11 +132,13 @@ def _preload():
     for name in _LAUNCH_MODULES:
         importlib.import_module(name)
     # The sim backend's host facts, read while the host's files are visible:
-    # XCR0 for ECREATE's check and the secret that keys local reports. Both
-    # are cached; a failure here shows again, with its reason, when used.
-    from skeleton import cpu, report
+    # XCR0 for ECREATE's check, libcrypto for EINIT's and EREPORT's, and the
+    # secret that keys local reports. All are cached; a failure here shows
+    # again, with its reason, when used.
+    from skeleton import cpu, openssl, report
     try:
         cpu.xcr0()
+        openssl.load()
         report.load_secret()
     except Exception as e:
         log.debug("pal_preload_incomplete", error=str(e))
