@@ -73,9 +73,9 @@ def test_null_dereference_protection_offsets_the_image():
     assert geometry.encl_offset == 16 << 20
     assert geometry.enclave_size == 32 << 20
 
-    pages = list(measure.pages(_image(1, 8 << 20), geometry))
-    tcs = pages[0][2]
-    assert pages[0][0] == 16 << 20
+    extents = list(measure.extents(_image(1, 8 << 20), geometry))
+    tcs = extents[0][2]
+    assert extents[0][0] == 16 << 20
     assert struct.unpack_from("<Q", tcs, 16)[0] == (16 << 20) + 3 * PAGE
     assert struct.unpack_from("<Q", tcs, 32)[0] == (16 << 20) + 0x1000
 
@@ -92,17 +92,57 @@ def test_ssa_frame_size_follows_xfrm(xfrm, miscselect, pages):
     assert measure.ssa_frame_pages(xfrm, miscselect) == pages
 
 
-def test_batched_zero_pages_hash_like_pages_of_zero_bytes():
-    """Runs of zero pages (batched) measure as the same pages given as bytes."""
-    batched = measure.Measurement(1 << 24, 1)
-    explicit = measure.Measurement(1 << 24, 1)
-    offsets = [0x1000 * i for i in range(600)] + [0x400000 + 0x1000 * i
-                                                 for i in range(3)]
-    for i, offset in enumerate(offsets):
-        flags = 0x207 if i != 300 else 0x100
-        batched.add_page(offset, flags)
-        explicit.add_page(offset, flags, bytes(4096))
-        if i == 450:
-            batched.add_page(0x800000, 0x207, b"\x01" * 4096)
-            explicit.add_page(0x800000, 0x207, b"\x01" * 4096)
-    assert batched.digest() == explicit.digest()
+def _records(offset, flags, page):
+    """One page's EADD and EEXTEND records, as in DESIGN §5's table."""
+    out = b"EADD\0\0\0\0" + struct.pack("<QQ", offset, flags) + bytes(40)
+    for chunk in range(0, PAGE, 256):
+        out += (b"EEXTEND\0" + struct.pack("<Q", offset + chunk) + bytes(48)
+                + page[chunk:chunk + 256])
+    return out
+
+
+def _page_by_page(enclave_size, runs):
+    h = hashlib.sha256(b"ECREATE\0" + struct.pack("<IQ", 1, enclave_size)
+                       + bytes(44))
+    for offset, flags, data, count in runs:
+        for i in range(count):
+            page = bytes(PAGE) if data is None else data[i * PAGE:(i + 1) * PAGE]
+            h.update(_records(offset + i * PAGE, flags, page))
+    return h.digest()
+
+
+# Runs that start and end inside a 1 MiB window, span several windows, cross
+# the 16 MiB boundary where the offsets' byte 3 changes, and go back to an
+# earlier window with the other kind of page.
+_RUNS = [
+    (0x3000, 0x100, None, 1),
+    (0x4000, 0x207, None, 300),
+    (0xff000, 0x207, bytes(range(256)) * 16 * 3, 3),
+    (0x200000, 0x207, bytes((i * 13) % 251 for i in range(PAGE * 20)), 20),
+    (0xf80000, 0x207, None, 700),
+    (0x1000000 - 0x2000, 0x207, bytes((i * 7) % 253 for i in range(PAGE * 9)), 9),
+    (0x500000, 0x207, None, 2),
+    (0x7ff0000, 0x207, None, 16),
+]
+
+
+def test_runs_of_pages_hash_like_records_written_page_by_page():
+    """Windows of zero and data pages give the records of DESIGN §5 exactly."""
+    measurement = measure.Measurement(1 << 27, 1)
+
+    for offset, flags, data, count in _RUNS:
+        measurement.add_pages(offset, flags, data, count)
+
+    assert measurement.digest() == _page_by_page(1 << 27, _RUNS)
+
+
+def test_single_pages_hash_like_runs():
+    runs = [(0x4000, 0x207, None, 3), (0x7000, 0x207, b"\x01" * PAGE * 10, 10)]
+    single = measure.Measurement(1 << 24, 1)
+
+    for offset, flags, data, count in runs:
+        for i in range(count):
+            page = None if data is None else data[i * PAGE:(i + 1) * PAGE]
+            single.add_page(offset + i * PAGE, flags, page)
+
+    assert single.digest() == _page_by_page(1 << 24, runs)

@@ -13,7 +13,7 @@ from epm_client.types import LayoutEntry
 from skeleton.enclave import Enclave, release, reserve_aligned
 from skeleton import cpu, openssl
 from skeleton.errors import EinitError
-from skeleton.measure import Measurement, pages
+from skeleton.measure import Measurement, extents
 from skeleton.structs import (ATTR_DEBUG, ATTR_MODE64BIT, DEBUG_MARKER,
                               DEBUG_MARKER_OFFSET, PAGE_SIZE, XFRM_LEGACY,
                               signed_bytes)
@@ -52,13 +52,13 @@ def build(image, *, attributes=None, xfrm=None, debug=False, host_xcr0=None):
             base = reserve_aligned(geometry.enclave_size)
             reservation = (base, geometry.enclave_size)
 
-        # ECREATE, then EADD and EEXTEND page by page. The memfd offset is the
+        # ECREATE, then EADD and EEXTEND run by run. The memfd offset is the
         # offset from the enclave base; zero pages are already zero in it.
         measurement = Measurement(geometry.enclave_size, geometry.ssa_frame_pages)
-        for offset, flags, page in pages(image.data, geometry):
-            measurement.add_page(offset, flags, page)
-            if page is not None:
-                os.pwrite(fd, page, offset)
+        for offset, flags, data, count in extents(image.data, geometry):
+            measurement.add_pages(offset, flags, data, count)
+            if data is not None:
+                os.pwrite(fd, data, offset)
         einit(image, measurement.digest(), secs_attributes, secs_xfrm)
 
         start = base + geometry.encl_offset
