@@ -73,35 +73,47 @@ def small_memfd():
     return fd
 
 
-def launches(images, daemon, runs, sizes=SIZES):
+def launches(images, daemon, runs, built_runs, sizes=SIZES):
     """pal_init through pal_destroy, built (no-epm) and from the pool.
 
-    Returns ``(built, pooled, pooled_p99)``, each keyed by size in MiB.
+    The sizes take turns, round by round, in an order that reverses every
+    round: the machine drifts over a run of this length (other processes,
+    frequency, the daemon's heap), and measured one size after another that
+    drift would show as a difference between sizes. Returns ``(built,
+    pooled, pooled_p99)``, each keyed by size in MiB.
     """
-    built, pooled, pooled_p99 = {}, {}, {}
     args = f"sim epm-socket={daemon.grpc_socket}"
+    built = _rounds(sizes, built_runs, lambda size: _launch(
+        images / str(size), "sim no-epm", "built"))
     for size in sizes:
-        image_dir = images / str(size)
-        built[str(size)] = median([_launch(image_dir, "sim no-epm")[1]
-                                   for _ in range(max(3, runs // 4))])
-        _launch(image_dir, args)  # fills the pool
-        samples = []
-        for _ in range(runs):
-            source, ms = _launch(image_dir, args)
-            if source != "pool":
-                raise RuntimeError(f"launch at {size} MiB was {source}")
-            samples.append(ms)
-        pooled[str(size)] = median(samples)
-        pooled_p99[str(size)] = p99(samples)
-    return built, pooled, pooled_p99
+        _launch(images / str(size), args, "built")  # fills the pool
+    pooled = _rounds(sizes, runs, lambda size: _launch(
+        images / str(size), args, "pool"))
+    return ({str(s): median(built[s]) for s in sizes},
+            {str(s): median(pooled[s]) for s in sizes},
+            {str(s): p99(pooled[s]) for s in sizes})
 
 
-def _launch(image_dir, args):
+def _rounds(sizes, runs, measure):
+    """``runs`` samples of ``measure(size)`` per size, sizes taking turns."""
+    samples = {size: [] for size in sizes}
+    for i in range(runs):
+        for size in (sizes if i % 2 == 0 else sizes[::-1]):
+            samples[size].append(measure(size))
+    return samples
+
+
+def _launch(image_dir, args, source):
+    """One launch in milliseconds; raises if the enclave came from elsewhere."""
     pal = Pal()
     started = time.perf_counter()
     pal.init(args, image_dir=image_dir)
     pal.destroy()
-    return pal.source, (time.perf_counter() - started) * 1000
+    took = (time.perf_counter() - started) * 1000
+    if pal.source != source:
+        raise RuntimeError(f"a launch from {image_dir} was {pal.source}, "
+                           f"expected {source}")
+    return took
 
 
 def cold_launches(images, daemon, tmp, runs, size=8):
@@ -313,19 +325,21 @@ def pairs_per_second(daemon, processes, seconds):
 
 
 def build_speed(images, runs):
-    """Sim build of the 64 MiB image against raw SHA-256 of its records."""
+    """Sim build of the 64 MiB image against raw SHA-256 of its records.
+
+    The two alternate run by run, so that drift lands on both alike. The
+    record stream is hashed in 256-page updates, as fast as hashlib goes.
+    """
     image = load_image(images / "64")
     mib = image.mmap_size / (1 << 20)
-    times = []
+    pages = image.mmap_size // 4096
+    per_page = 64 + 16 * (64 + 256)
+    stream = os.urandom(per_page) * 256  # 256 pages' worth of records
+    times, hash_times = [], []
     for _ in range(runs):
         t = time.perf_counter()
         sim.build(image).close()
         times.append(time.perf_counter() - t)
-    pages = image.mmap_size // 4096
-    per_page = 64 + 16 * (64 + 256)
-    stream = os.urandom(per_page) * 256  # 256 pages' worth of records
-    hash_times = []
-    for _ in range(runs):
         h = hashlib.sha256()
         t = time.perf_counter()
         for _ in range(pages // 256):
@@ -375,12 +389,12 @@ def _rss_kib(pid):
 
 # Runs of each figure by scale; "tiny" only checks that the suite works.
 SCALES = {
-    "full": dict(launch=20, cold=10, handoff=2000, legacy=500, pair_s=5,
-                 build=7, pool=10000),
-    "quick": dict(launch=5, cold=5, handoff=300, legacy=100, pair_s=2,
-                  build=3, pool=1000),
-    "tiny": dict(launch=2, cold=1, handoff=5, legacy=3, pair_s=0.3, build=1,
-                 pool=20),
+    "full": dict(launch=400, build_launch=7, cold=10, handoff=2000, legacy=500,
+                 pair_s=5, build=15, pool=10000),
+    "quick": dict(launch=100, build_launch=3, cold=5, handoff=300, legacy=100,
+                  pair_s=2, build=5, pool=1000),
+    "tiny": dict(launch=2, build_launch=1, cold=1, handoff=5, legacy=3,
+                 pair_s=0.3, build=1, pool=20),
 }
 
 
@@ -436,7 +450,8 @@ def run(images, scale):
         (tmp / "main").mkdir()
         daemon = Daemon(tmp / "main", log_level="info").start()
         try:
-            built, pooled, pooled_p99 = launches(images, daemon, n["launch"])
+            built, pooled, pooled_p99 = launches(images, daemon, n["launch"],
+                                                 n["build_launch"])
             results["launch_build_ms"] = built
             results["launch_pool_ms"] = pooled
             results["launch_pool_ms_p99"] = pooled_p99
