@@ -1,8 +1,10 @@
 """Reading a signed skeleton image: ``encl.bin`` and its SIGSTRUCT ``encl.ss``."""
 
 import collections
+import errno
 import hashlib
 import os
+import stat
 
 from epm_client.types import Identity
 from skeleton.errors import ImageError
@@ -16,6 +18,17 @@ IMAGE_NAME = "encl.bin"
 SIGSTRUCT_NAME = "encl.ss"
 # The TCS page and the page holding the metadata record.
 MIN_IMAGE_PAGES = 2
+# encl.bin holds the enclave's code and initial data, which the signer and the
+# loader read whole; heap and stack pages come from the mmap size (-s), not
+# from the file. The skeleton's image is 20 KiB; 64 MiB leaves room for a
+# much larger program while keeping a mistaken path (a disk image, /dev/zero)
+# from being read into memory.
+MAX_IMAGE_SIZE = 64 << 20
+# The largest enclave (SECS.SIZE) an image may ask for: 2^36, the
+# MaxEnclaveSize_64 that CPUID leaf 0x12 reports on client SGX parts. The
+# metadata's u64 would allow far more, but every page is measured at build
+# and signing time (about 1.5 GiB/s here), so 64 GiB already takes about 40 s.
+MAX_ENCLAVE_SIZE = 64 << 30
 
 
 # data: the page-rounded encl.bin, metadata record included; metadata and
@@ -68,7 +81,7 @@ class EnclaveImage(collections.namedtuple(
 def read_pages(path):
     """The bytes of an image file rounded up to whole pages; raises ImageError."""
     path = os.fspath(path)
-    data = _read(path)
+    data = read_file(path, MAX_IMAGE_SIZE)
     if len(data) <= (MIN_IMAGE_PAGES - 1) * PAGE_SIZE:
         raise ImageError(f"{path}: {len(data)} bytes is too small for a TCS page "
                          "and a metadata page")
@@ -84,7 +97,7 @@ def load_image(directory):
     image_path = os.path.join(directory, IMAGE_NAME)
     sigstruct_path = os.path.join(directory, SIGSTRUCT_NAME)
     data = read_pages(image_path)
-    raw = _read(sigstruct_path)
+    raw = read_file(sigstruct_path, SIGSTRUCT.size)
     if len(raw) != SIGSTRUCT.size:
         raise ImageError(f"{sigstruct_path}: expected a {SIGSTRUCT.size}-byte "
                          f"SIGSTRUCT, got {len(raw)} bytes")
@@ -100,6 +113,7 @@ def load_image(directory):
                                     sigstruct.miscselect)
     except ImageError as e:
         raise ImageError(f"{image_path}: {e}") from None
+    check_enclave_size(geometry.enclave_size, image_path)
     oentry = TCS.get(data, "oentry")
     if not PAGE_SIZE <= oentry < len(data):
         raise ImageError(f"{image_path}: TCS OENTRY {oentry:#x} is outside the image")
@@ -166,11 +180,57 @@ def check_host(image, mmap_min_addr=None):
     return []
 
 
-def _read(path):
+def check_enclave_size(size, source):
+    """Raise ImageError(EFBIG) naming ``source`` when an enclave size exceeds
+    MAX_ENCLAVE_SIZE."""
+    if size > MAX_ENCLAVE_SIZE:
+        raise ImageError(f"{source}: enclave size {size:#x} is too large (at most "
+                         f"{MAX_ENCLAVE_SIZE:#x}, 64 GiB)", errno.EFBIG)
+
+
+def read_file(path, limit):
+    """The bytes of the regular file ``path``, at most ``limit`` of them.
+
+    Symbolic links are followed. Anything but a regular file (a directory, a
+    FIFO, a device such as /dev/zero) is refused before it is read, and
+    opened, if at all, without blocking. Raises ImageError whose ``errno``
+    is ENOENT for a missing file, EISDIR for a directory, EFBIG for a file
+    over ``limit`` bytes and EINVAL otherwise.
+    """
+    path = os.fspath(path)
     try:
-        with open(path, "rb") as f:
-            return f.read()
+        # Checked before opening, so that no device is ever opened, and
+        # again on the opened file, which is the one read.
+        _check_regular(path, os.stat(path), limit)
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
     except FileNotFoundError:
-        raise ImageError(f"{path}: no such file") from None
+        raise ImageError(f"{path}: no such file", errno.ENOENT) from None
     except OSError as e:
-        raise ImageError(f"{path}: cannot read: {e.strerror}") from None
+        raise ImageError(f"{path}: cannot read: {e.strerror}", e.errno) from None
+    try:
+        _check_regular(path, os.fstat(fd), limit)
+        chunks, size = [], 0
+        while size <= limit:
+            chunk = os.read(fd, limit + 1 - size)
+            if not chunk:
+                break
+            chunks.append(chunk)
+            size += len(chunk)
+    except OSError as e:
+        raise ImageError(f"{path}: cannot read: {e.strerror}", e.errno) from None
+    finally:
+        os.close(fd)
+    if size > limit:
+        raise ImageError(f"{path}: too large (more than {limit} bytes, at most "
+                         f"{limit})", errno.EFBIG)
+    return b"".join(chunks)
+
+
+def _check_regular(path, st, limit):
+    if stat.S_ISDIR(st.st_mode):
+        raise ImageError(f"{path}: is a directory, not a regular file", errno.EISDIR)
+    if not stat.S_ISREG(st.st_mode):
+        raise ImageError(f"{path}: not a regular file", errno.EINVAL)
+    if st.st_size > limit:
+        raise ImageError(f"{path}: too large ({st.st_size} bytes, at most {limit})",
+                         errno.EFBIG)

@@ -1,13 +1,18 @@
 """Reading encl.bin and encl.ss: what an image exposes, and errors naming the file."""
 
+import contextlib
+import errno
 import hashlib
+import os
 import shutil
+import signal
 
 import pytest
 
 from skeleton import build_image, sgxsign
 from skeleton.errors import ImageError
-from skeleton.image import check_host, host_mmap_min_addr, load_image
+from skeleton.image import (MAX_ENCLAVE_SIZE, MAX_IMAGE_SIZE, check_host,
+                            host_mmap_min_addr, load_image)
 
 PAGE = 4096
 
@@ -52,6 +57,86 @@ def test_image_exposes_geometry_and_identity(signed):
 def test_a_missing_file_is_named(copy, name):
     (copy / name).unlink()
     with pytest.raises(ImageError, match=f"{name}: no such file"):
+        load_image(copy)
+
+
+@contextlib.contextmanager
+def _prompt(seconds=5):
+    """Fail, rather than hang, when the body blocks for ``seconds``."""
+    def expire(signum, frame):
+        raise TimeoutError(f"blocked for {seconds} s")
+    previous = signal.signal(signal.SIGALRM, expire)
+    signal.alarm(seconds)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+def test_symbolic_links_to_the_files_are_followed(copy, tmp_path_factory):
+    linked = tmp_path_factory.mktemp("linked")
+    for name in ("encl.bin", "encl.ss"):
+        (linked / name).symlink_to(copy / name)
+    assert load_image(linked).sigstruct == load_image(copy).sigstruct
+
+
+@pytest.mark.parametrize("name", ["encl.bin", "encl.ss"])
+def test_a_fifo_is_refused_without_blocking(copy, name):
+    (copy / name).unlink()
+    os.mkfifo(copy / name)
+    with _prompt(), pytest.raises(ImageError, match=f"{name}: not a regular file") as e:
+        load_image(copy)
+    assert e.value.errno == errno.EINVAL
+
+
+def test_a_device_is_refused_before_it_is_read(copy):
+    (copy / "encl.bin").unlink()
+    (copy / "encl.bin").symlink_to("/dev/zero")
+    with _prompt(), pytest.raises(ImageError, match="encl.bin: not a regular file"):
+        load_image(copy)
+
+
+@pytest.mark.parametrize("name", ["encl.bin", "encl.ss"])
+def test_a_directory_is_named_with_eisdir(copy, name):
+    (copy / name).unlink()
+    (copy / name).mkdir()
+    with pytest.raises(ImageError, match=f"{name}: is a directory") as e:
+        load_image(copy)
+    assert e.value.errno == errno.EISDIR
+
+
+def test_a_missing_file_has_enoent(copy):
+    (copy / "encl.ss").unlink()
+    with pytest.raises(ImageError) as e:
+        load_image(copy)
+    assert e.value.errno == errno.ENOENT
+
+
+def test_an_image_over_the_cap_is_refused_unread(copy):
+    """A sparse file costs nothing on disk; reading it whole would."""
+    os.truncate(copy / "encl.bin", MAX_IMAGE_SIZE + PAGE)
+    with _prompt(), pytest.raises(
+            ImageError, match=f"encl.bin: too large \\({MAX_IMAGE_SIZE + PAGE} "
+                              f"bytes, at most {MAX_IMAGE_SIZE}\\)") as e:
+        load_image(copy)
+    assert e.value.errno == errno.EFBIG
+
+
+def test_a_sigstruct_over_its_size_is_refused(copy):
+    (copy / "encl.ss").write_bytes(bytes(1809))
+    with pytest.raises(ImageError, match=r"encl.ss: too large \(1809 bytes, at most "
+                                         r"1808\)"):
+        load_image(copy)
+
+
+def test_metadata_asking_for_a_huge_enclave_is_refused(copy):
+    data = bytearray((copy / "encl.bin").read_bytes())
+    last_page = len(data) - len(data) % PAGE
+    data[last_page:last_page + 8] = (1 << 40).to_bytes(8, "little")
+    (copy / "encl.bin").write_bytes(data)
+    with pytest.raises(ImageError, match=f"encl.bin: enclave size 0x10000000000 is "
+                                         f"too large \\(at most {MAX_ENCLAVE_SIZE:#x}"):
         load_image(copy)
 
 
