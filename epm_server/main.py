@@ -19,7 +19,7 @@ import time
 
 import structlog
 
-from epm_server import config, log
+from epm_server import config, log, metrics
 from epm_server.bundle import BundleCaches
 from epm_server.enclave import Identity
 from epm_server.errors import ConfigError
@@ -124,6 +124,7 @@ def run(cfg, not_recycled=()):
         cfg.allowed_roots, private=(cfg.root, cfg.db_path)))
     pool = Pool(_pool_capacity(cfg), cfg.max_per_identity, cfg.legacy_max_pending,
                 no_recycle=not_recycled)
+    metrics.follow(pool)
     fdstore = FdStore(pool, os.path.join(cfg.root, "fdstore"))
     fdstore.start()
     fdstore.adopt(systemd.listen_fds())

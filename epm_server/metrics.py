@@ -5,7 +5,19 @@ an event happens calls the small functions below (a label lookup and an
 add, about a microsecond). Pool sizes are not counted as they change: a
 collector reads the pool when Prometheus scrapes. Nothing is served unless
 ``[metrics] address`` is set.
+
+Subtype labels are bounded. A check-out names whatever subtype its peer
+likes, and a series per name would let any allowed peer grow the daemon's
+memory, ``/metrics`` and ``epmctl stats`` by one series a request. So a
+subtype gets series of its own only once it has had a pool: an enclave of
+it entered the pool, or a ``[[prewarm]]`` table names it; check-outs and
+failed hand-offs of any other subtype count under ``OTHER_SUBTYPE``. At
+most ``MAX_SUBTYPES`` subtypes get their own series: a peer that checks in
+enclaves under ever new subtypes fills them, and later subtypes count under
+``OTHER_SUBTYPE`` too.
 """
+
+import threading
 
 import prometheus_client
 from prometheus_client.core import GaugeMetricFamily
@@ -44,6 +56,14 @@ BUILD_FAILURES = prometheus_client.Counter(
     "epm_build_failures", "Pre-warm builds that failed.", ["subtype"],
     registry=REGISTRY)
 
+# The label of check-outs of subtypes without series of their own. A real
+# subtype of this name is counted together with them.
+OTHER_SUBTYPE = "(other)"
+# As many subtypes as the default pool ([pool] max_total) holds at once.
+MAX_SUBTYPES = 256
+_subtypes = set()
+_subtypes_lock = threading.Lock()
+
 # Error class name -> the reason label; the same words as gRPC status names.
 _REASONS = {
     "InvalidArgument": "invalid_argument",
@@ -56,14 +76,47 @@ _REASONS = {
 }
 
 
+def add_subtype(subtype):
+    """Give ``subtype`` series of its own from now on, while fewer than
+    ``MAX_SUBTYPES`` have them; return whether it has them."""
+    if subtype in _subtypes:
+        return True
+    with _subtypes_lock:
+        if len(_subtypes) < MAX_SUBTYPES:
+            _subtypes.add(subtype)
+    return subtype in _subtypes
+
+
+def follow(pool):
+    """Give each subtype that enters ``pool`` series of its own."""
+    pool.on_transition(_observe)
+
+
+def _observe(before, after):
+    # Called under the pool's lock: a set lookup, and rarely an add.
+    if before is None:
+        add_subtype(after.subtype)
+
+
+def _label(subtype):
+    return subtype if subtype in _subtypes else OTHER_SUBTYPE
+
+
 def checkout(subtype, hit):
-    """Count one check-out of ``subtype``: ``hit`` when an enclave was leased."""
-    CHECKOUTS.labels(subtype, "hit" if hit else "miss").inc()
+    """Count one check-out of ``subtype``: ``hit`` when an enclave was leased.
+
+    A miss of a subtype that never had a pool counts under OTHER_SUBTYPE.
+    """
+    if hit:
+        # A leased enclave was in the pool: its subtype has had one.
+        add_subtype(subtype)
+    CHECKOUTS.labels(_label(subtype), "hit" if hit else "miss").inc()
 
 
 def failed_handoff(subtype):
     """Count one hand-off that failed (returned, or its delivery unconfirmed)."""
-    FAILED_HANDOFFS.labels(subtype).inc()
+    add_subtype(subtype)
+    FAILED_HANDOFFS.labels(_label(subtype)).inc()
 
 
 def refusal(error):
@@ -103,7 +156,10 @@ def build_failed(subtype):
 
 
 def checkout_counts():
-    """subtype -> {"hit": n, "miss": n, "failed": n} since the daemon started."""
+    """subtype -> {"hit": n, "miss": n, "failed": n} since the daemon started.
+
+    Subtypes without series of their own are summed under OTHER_SUBTYPE.
+    """
     counts = {}
     for family, label in ((CHECKOUTS, None), (FAILED_HANDOFFS, "failed")):
         for metric in family.collect():

@@ -48,6 +48,8 @@ class Prewarmer:
     def __init__(self, pool, specs, builders=None):
         self._pool = pool
         self._targets = {spec.subtype: _Target(spec) for spec in specs}
+        for subtype in self._targets:
+            metrics.add_subtype(subtype)
         self._cond = threading.Condition()
         self._stopping = False
         count = builders or min(os.cpu_count() or 1, MAX_BUILDERS)

@@ -130,13 +130,15 @@ def test_epm_socket_chooses_the_daemon(daemon):
 def test_stats_counts_states_and_check_outs(daemon):
     with Client(daemon.grpc_socket) as client:
         pooled(client, b"x")
+        assert client.check_out("skeleton-0.0.0", identity(b"\x99" * 32)) is None
         assert client.check_out("nothing-here", identity()) is None
     result = epmctl(daemon.grpc_socket, "stats", "--json")
     assert result.returncode == 0, result.stderr
     stats = json.loads(result.stdout)
     by = {s["subtype"]: s for s in stats["subtypes"]}
     assert by["skeleton-0.0.0"]["states"] == {"available": 1}
-    assert by["nothing-here"]["misses"] == 1
+    assert by["skeleton-0.0.0"]["misses"] == 1
+    assert "nothing-here" not in by and by["(other)"]["misses"] == 1
     table = epmctl(daemon.grpc_socket, "stats").stdout.splitlines()
     assert table[0].split() == ["SUBTYPE", "PENDING", "HELD", "AVAILABLE",
                                 "LEASED", "HITS", "MISSES", "FAILED"]

@@ -54,7 +54,7 @@ def test_scrape_counts_pool_check_outs_refusals_and_rpcs(make_daemon):
                  state="available") == 1
     assert value(samples, "epm_checkouts_total", subtype=SUBTYPE,
                  result="hit") == 1
-    assert value(samples, "epm_checkouts_total", subtype="empty",
+    assert value(samples, "epm_checkouts_total", subtype="(other)",
                  result="miss") == 1
     assert value(samples, "epm_refusals_total", reason="not_found") == 1
     count = value(samples, "epm_rpc_duration_seconds_count",
@@ -117,3 +117,37 @@ def test_scrape_shows_handoff_latency_and_refusals(make_daemon):
     assert value(samples, "epm_refusals_total", reason="not_found") == 1
     assert value(samples, "epm_refusals_total", reason="invalid_argument") == 1
     assert value(samples, "epm_failed_handoffs_total", subtype=SUBTYPE) == 0
+
+
+def test_misses_of_many_subtypes_leave_the_series_bounded(make_daemon):
+    """A subtype that never had a pool gets no series: misses of 300 new
+    subtypes are counted under "(other)", in /metrics and in stats."""
+    from epm_client.admin import AdminClient
+    daemon = make_daemon('[metrics]\naddress = "127.0.0.1:0"\n')
+    with Client(daemon.grpc_socket) as client:
+        pooled(client, b"a")
+        for i in range(300):
+            assert client.check_out(f"new-{i}", identity()) is None
+        assert client.check_out(SUBTYPE, identity(b"\x99" * 32)) is None
+
+    samples = scrape(daemon)
+    with AdminClient(daemon.grpc_socket) as admin:
+        stats = admin.stats()
+
+    subtypes = {dict(labels).get("subtype") for (name, labels) in samples
+                if name == "epm_checkouts_total"}
+    assert subtypes == {SUBTYPE, "(other)"}
+    assert value(samples, "epm_checkouts_total", subtype="(other)",
+                 result="miss") == 300
+    assert value(samples, "epm_checkouts_total", subtype=SUBTYPE,
+                 result="miss") == 1
+    assert sorted(s.subtype for s in stats.subtypes) == ["(other)", SUBTYPE]
+
+
+def test_named_subtype_series_are_capped():
+    """Past MAX_SUBTYPES, even subtypes that had a pool count as "(other)"."""
+    from epm_server import metrics
+    for i in range(metrics.MAX_SUBTYPES + 50):
+        metrics.checkout(f"capped-{i}", hit=True)
+    assert len(metrics.checkout_counts()) <= metrics.MAX_SUBTYPES + 1
+    assert metrics.checkout_counts()["(other)"]["hit"] >= 50
