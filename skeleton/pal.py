@@ -37,11 +37,14 @@ log = get_logger("skeleton.pal")
 # The subtype the published rune uses for the skeleton's pool.
 SUBTYPE = "skeleton-0.0.0"
 
-# Arguments the published runtimes accept; ours are "epm-socket=" and
-# "subtype=". Anything else is ignored with a debug event.
-_FLAGS = {"debug", "no-epm", "sim", "no-sgx-flc", "backend-kvm"}
-_KEYS = {"kvm-kernel", "kvm-rootfs", "kvm-init", "attester", "verifier", "tls",
-         "crypto", "epm-socket", "subtype"}
+# Arguments the published runtimes accept (DESIGN §6); ours are
+# "epm-socket=" and "subtype=". Anything else is refused: a misspelt "sim" or
+# "no-epm" would otherwise change what the container gets without a word.
+_FLAGS = ("debug", "no-epm", "sim", "no-sgx-flc", "backend-kvm")
+_KEYS = ("kvm-kernel", "kvm-rootfs", "kvm-init", "attester", "verifier", "tls",
+         "crypto", "epm-socket", "subtype")
+# Where rune takes the arguments from when no annotation gives them (DESIGN §6).
+ARGS_ENV = "ENCLAVE_RUNTIME_ARGS"
 
 
 class PalError(Exception):
@@ -53,7 +56,11 @@ class PalError(Exception):
 
 
 def parse_args(text):
-    """Split PAL arguments on commas and spaces into flags and key=values."""
+    """Split PAL arguments on commas and spaces into flags and key=values.
+
+    Returns ``(flags, values)``; raises PalError(EINVAL) naming the first
+    argument that is not a known one, and listing those.
+    """
     flags, values = set(), {}
     for word in (text or "").replace(",", " ").split():
         key, sep, value = word.partition("=")
@@ -62,7 +69,9 @@ def parse_args(text):
         elif not sep and word in _FLAGS:
             flags.add(word)
         else:
-            log.debug("pal_argument_ignored", argument=word)
+            known = ", ".join(_FLAGS + tuple(f"{k}=" for k in _KEYS))
+            raise PalError(errno.EINVAL, f"unknown PAL argument {word!r}; known "
+                           f"arguments: {known}")
     return flags, values
 
 
@@ -93,8 +102,9 @@ class Pal:
              enclave_addr=None):
         """Obtain, map and initialize the container's enclave.
 
-        ``image_dir`` holds ``encl.bin`` and ``encl.ss`` (default: the
-        working directory). ``enclave_fd`` and ``enclave_addr`` (API v3) are
+        ``args`` are the PAL arguments, ``$ENCLAVE_RUNTIME_ARGS`` of
+        ``environ`` when empty. ``image_dir`` holds ``encl.bin`` and
+        ``encl.ss`` (default: the working directory). ``enclave_fd`` and ``enclave_addr`` (API v3) are
         an enclave the host already holds and its base address: it is used
         as it is, nothing is built or checked out, and ``destroy`` leaves the
         fd to the host. Sets ``source`` to "pool", "built" or "host". Raises
@@ -104,7 +114,7 @@ class Pal:
         if self.enclave is not None:
             raise PalError(errno.EEXIST, "pal_init called twice")
         environ = os.environ if environ is None else environ
-        flags, values = parse_args(args)
+        flags, values = parse_args(args or environ.get(ARGS_ENV, ""))
         backend = "sim" if ("sim" in flags or environ.get("SGX_MODE") == "SIM") \
             else "sgx"
         subtype = values.get("subtype", SUBTYPE)
@@ -310,7 +320,7 @@ def _load_image(directory):
     try:
         image = load_image(directory)
     except errors.ImageError as e:
-        raise PalError(errno.ENOENT, str(e)) from e
+        raise PalError(e.errno, str(e)) from e
     loaded = image, TCS.get(tcs_as_added(image.data, image.geometry), "oentry")
     if key is not None:
         if len(_images) >= _IMAGES_KEPT:
@@ -365,7 +375,9 @@ def _build(image, backend, debug):
     try:
         return get_backend(backend).build(image, debug=debug)
     except errors.BackendError as e:
-        raise PalError(errno.ENODEV, str(e)) from e
+        how = "" if backend == "sim" else (" (to simulate: the PAL argument `sim`, "
+                                           "or SGX_MODE=SIM)")
+        raise PalError(errno.ENODEV, f"{e}{how}") from e
     except errors.EinitError as e:
         raise PalError(errno.EPERM, str(e)) from e
     except errors.SkeletonError as e:

@@ -145,6 +145,21 @@ def test_missing_image_fails_init_with_one_line(pal_host, tmp_path):
     assert "pal_init_failed" in line and "encl.bin" in line
 
 
+def test_an_unknown_argument_fails_init_with_one_line(pal_host, tmp_path, images):
+    root = make_root(tmp_path, images / "8")
+    got, stderr = run_host(pal_host, 3, "-r", str(root), "-a", "sim bogus-arg")
+    assert int(got["init"]) == -errno.EINVAL
+    [line] = stderr.splitlines()
+    assert "'bogus-arg'" in line and "no-epm" in line
+
+
+def test_arguments_from_the_environment_are_used(pal_host, tmp_path, images):
+    root = make_root(tmp_path, images / "8")
+    env = dict(os.environ, ENCLAVE_RUNTIME_ARGS="sim,no-epm")
+    got, _ = run_host(pal_host, 3, "-r", str(root), env=env)
+    assert as_ints(got, "init", "exec", "exit", "destroy") == [0, 0, 0, 0]
+
+
 def test_without_sim_and_without_a_device_init_refuses(pal_host, tmp_path, images):
     if os.path.exists("/dev/sgx_enclave"):
         pytest.skip("this host has an SGX device")

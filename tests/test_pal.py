@@ -4,6 +4,7 @@ import ctypes
 import errno
 import mmap
 import os
+import shutil
 import signal
 import socket
 import time
@@ -37,9 +38,43 @@ def launch(image_dir, args):
 
 
 def test_arguments_split_on_commas_and_spaces():
-    flags, values = parse_args("sim,no-epm debug  epm-socket=/x/y.sock,bogus")
+    flags, values = parse_args("sim,no-epm debug  epm-socket=/x/y.sock,")
     assert flags == {"sim", "no-epm", "debug"}
     assert values == {"epm-socket": "/x/y.sock"}
+
+
+@pytest.mark.parametrize("word", ["bogus-arg", "sim=1", "tls", "no_epm"])
+def test_an_unknown_argument_is_refused_and_the_known_ones_listed(word):
+    with pytest.raises(PalError, match=f"unknown PAL argument '{word}'; known "
+                                       "arguments: debug, no-epm, sim, ") as e:
+        parse_args(f"sim {word}")
+    assert e.value.errno == errno.EINVAL
+    assert "kvm-kernel=" in str(e.value) and "epm-socket=" in str(e.value)
+
+
+def test_every_documented_argument_is_accepted():
+    """DESIGN §6's list, and ours."""
+    flags, values = parse_args(
+        "debug no-epm sim no-sgx-flc backend-kvm kvm-kernel=k kvm-rootfs=r "
+        "kvm-init=i attester=a verifier=v tls=t crypto=c epm-socket=s subtype=x")
+    assert len(flags) == 5 and len(values) == 9
+
+
+def test_init_refuses_an_unknown_argument(images):
+    with pytest.raises(PalError, match="'bogus-arg'") as e:
+        Pal().init("sim bogus-arg", image_dir=images / "8")
+    assert e.value.errno == errno.EINVAL
+
+
+def test_arguments_come_from_the_environment_when_none_are_given(images):
+    """DESIGN §6: ENCLAVE_RUNTIME_ARGS, separated by commas or spaces."""
+    pal = Pal()
+    pal.init("", image_dir=images / "8",
+             environ={"ENCLAVE_RUNTIME_ARGS": "sim,no-epm"})
+    try:
+        assert pal.source == "built" and pal.enclave.backend == "sim"
+    finally:
+        pal.destroy()
 
 
 def test_empty_pool_builds_and_the_next_launch_uses_the_pool(daemon, images):
@@ -178,7 +213,31 @@ def test_without_sim_and_without_a_device_init_refuses(images):
     with pytest.raises(PalError) as e:
         Pal().init("no-epm", image_dir=images / "8", environ={})
     assert e.value.errno == errno.ENODEV
-    assert "sim" in str(e.value)
+    assert "the PAL argument `sim`, or SGX_MODE=SIM" in str(e.value)
+
+
+@pytest.fixture
+def image_copy(images, tmp_path):
+    for name in ("encl.bin", "encl.ss"):
+        shutil.copy(images / "8" / name, tmp_path / name)
+    return tmp_path
+
+
+@pytest.mark.parametrize("name, make, err", [
+    ("encl.ss", lambda p: p.write_bytes(b""), errno.EINVAL),
+    ("encl.bin", lambda p: p.mkdir(), errno.EISDIR),
+    ("encl.ss", lambda p: p.mkdir(), errno.EISDIR),
+    ("encl.bin", lambda p: os.mkfifo(p), errno.EINVAL),
+    ("encl.bin", lambda p: p.symlink_to("/dev/zero"), errno.EINVAL),
+    ("encl.bin", lambda p: None, errno.ENOENT),
+])
+def test_an_unusable_image_file_has_its_own_errno(image_copy, name, make, err):
+    """Only a missing file is ENOENT; none of these blocks or reads a device."""
+    (image_copy / name).unlink()
+    make(image_copy / name)
+    with pytest.raises(PalError, match=name) as e:
+        Pal().init("sim no-epm", image_dir=image_copy)
+    assert e.value.errno == err
 
 
 _libc = ctypes.CDLL(None, use_errno=True)
