@@ -16,6 +16,7 @@ import threading
 import time
 
 import structlog
+from google.protobuf.message import DecodeError
 
 from epm_api import v1alpha1_pb2 as pb
 from epm_server import fdcheck
@@ -24,7 +25,8 @@ from epm_server.enclave import (
     check_layout_fits, identity_from_proto, layout_from_proto,
     subtype_from_request)
 from epm_server.errors import (
-    AlreadyExists, EpmError, InvalidArgument, PermissionDenied, Unavailable)
+    AlreadyExists, EpmError, InvalidArgument, PermissionDenied, Unavailable,
+    shown)
 from epm_server.ids import validate_id
 from epm_server.peers import peer_of
 from epm_server.pool import ANY_IDENTITY, Owner
@@ -38,6 +40,7 @@ _CMSG_SPACE = socket.CMSG_SPACE(2 * _FD_SIZE)
 # How often a waiting check-in looks at the stop flag.
 _POLL = 0.2
 _CONNECT_RETRY = 0.02
+_ENCLAVE_TYPE = pb.Enclave.DESCRIPTOR.full_name
 
 
 class LegacyHandoff:
@@ -68,10 +71,7 @@ class LegacyHandoff:
         """
         validate_id(cache_id)
         subtype = subtype_from_request(subtype, "subType")
-        enclave = pb.Enclave()
-        if not options.Unpack(enclave):
-            raise InvalidArgument(f"options: expected a v1alpha1.Enclave, got "
-                                  f"{options.type_url or 'nothing'}")
+        enclave = enclave_of_options(options)
         layout = layout_from_proto(enclave, "options")
         identity = None
         if enclave.HasField("identity"):
@@ -304,6 +304,24 @@ class LegacyHandoff:
                 sock.close()
                 raise
             time.sleep(_CONNECT_RETRY)
+
+
+def enclave_of_options(options):
+    """The ``v1alpha1.Enclave`` packed in a Cache's ``options``.
+
+    Raises InvalidArgument naming ``options`` and the type when the Any packs
+    another type or bytes that do not parse as an Enclave.
+    """
+    enclave = pb.Enclave()
+    try:
+        unpacked = options.Unpack(enclave)
+    except DecodeError as e:
+        raise InvalidArgument(f"options: the {_ENCLAVE_TYPE} it packs does not "
+                              f"parse ({shown(e)})") from None
+    if not unpacked:
+        raise InvalidArgument(f"options: expected a {_ENCLAVE_TYPE}, got "
+                              f"{shown(options.type_url or 'nothing', quoted=True)}")
+    return enclave
 
 
 def _check_layout_fits_fd(layout, fd):

@@ -11,6 +11,7 @@ import os
 import time
 
 import grpc
+import structlog
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
@@ -22,6 +23,8 @@ from epm_server.enclave import enclave_proto
 from epm_server.errors import EpmError, InvalidArgument, shown
 from epm_server.ids import validate_id
 from epm_server.pool import State
+
+log = structlog.get_logger(__name__)
 
 ENCLAVE_POOL = "enclave-cache-pool"
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["EnclavePoolManager"].full_name
@@ -36,7 +39,12 @@ _STATUS = {status.value[0]: status for status in grpc.StatusCode}
 
 
 def adapt(method):
-    """Turn an EpmError raised by ``method`` into an aborted gRPC call."""
+    """Turn an error raised by ``method`` into an aborted gRPC call.
+
+    An EpmError keeps its code; anything else is a bug of ours, logged once
+    here as ``rpc_failed`` and answered INTERNAL, rather than the UNKNOWN
+    grpc would send with no trace in the log.
+    """
     @functools.wraps(method)
     def call(self, request, context):
         try:
@@ -44,6 +52,11 @@ def adapt(method):
         except EpmError as e:
             metrics.refusal(e)
             context.abort(_STATUS[e.code], str(e))
+        except Exception as e:
+            log.exception("rpc_failed", method=method.__name__)
+            context.abort(grpc.StatusCode.INTERNAL,
+                          f"{method.__name__}: internal error "
+                          f"({type(e).__name__}); see the daemon's log")
     return call
 
 

@@ -3,6 +3,7 @@
 import array
 import mmap
 import os
+import re
 import socket
 import time
 
@@ -235,3 +236,93 @@ def test_stop_while_waiting_for_a_check_in_leaves_no_socket(daemon, stub):
     assert daemon.stop() == 0
 
     assert list(daemon.run_dir.iterdir()) == []
+
+
+ENCLAVE_URL = "type.googleapis.com/v1alpha1.Enclave"
+
+
+def test_corrupt_enclave_in_options_is_invalid_and_names_the_type(stub):
+    """A packed Enclave that does not parse is the client's error, not ours."""
+    cache = pb.Cache(type=POOL, subType=SUBTYPE, ID="bad-options")
+    cache.options.type_url = ENCLAVE_URL
+    cache.options.value = b"\xff\xff\xff"
+
+    code, details = code_of(stub.SaveCache, pb.SaveCacheRequest(cache=cache))
+
+    assert code == grpc.StatusCode.INVALID_ARGUMENT
+    assert details.startswith("options:") and "v1alpha1.Enclave" in details
+    assert listed(stub) == []
+
+
+@pytest.fixture
+def bundle_stub(make_daemon, tmp_path):
+    """A stub on a daemon whose bundle caches may read from ``tmp_path/src``."""
+    (tmp_path / "src").mkdir()
+    (tmp_path / "src" / "file").write_text("cache data")
+    daemon = make_daemon(f'[bundle]\nallowed_roots = ["{tmp_path}"]\n'
+                         "[legacy]\naccept_timeout = 0.5\n")
+    with grpc.insecure_channel(f"unix:{daemon.grpc_socket}") as channel:
+        yield daemon, pb_grpc.EnclavePoolManagerStub(channel), tmp_path / "src"
+
+
+def test_malformed_options_are_refused_or_ignored_by_every_method(bundle_stub):
+    """Every method that takes a Cache, on every pool type, with generated
+    ``options``: an answer, or a refusal naming a field; never UNKNOWN or
+    INTERNAL, and the daemon logs no unexpected error."""
+    from google.protobuf import any_pb2
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+
+    daemon, stub, source = bundle_stub
+    urls = st.sampled_from([ENCLAVE_URL, "type.googleapis.com/v1alpha1.Cache",
+                            "type.googleapis.com/v1alpha1.Enclavelayout",
+                            "type.googleapis.com/google.protobuf.Empty",
+                            "", "x", "/v1alpha1.Enclave"])
+    values = st.one_of(st.binary(max_size=48), st.sampled_from(
+        [b"\xff\xff\xff", b"\x08", b"\x1a\x05\x08", b"\x1a\xff\xff\xff\xff\x0f"]))
+    types = st.sampled_from([POOL, "bundle-cache.occlum.cache0"])
+    methods = st.sampled_from(["SaveCache", "SaveFinalCache"])
+    seen = set()
+
+    @settings(max_examples=80, deadline=None, derandomize=True,
+              suppress_health_check=[HealthCheck.function_scoped_fixture])
+    @given(methods, types, urls, values)
+    def call(method, pool_type, url, value):
+        cache_id = f"o{len(seen)}"
+        seen.add(cache_id)
+        cache = pb.Cache(type=pool_type, subType=SUBTYPE, ID=cache_id,
+                         options=any_pb2.Any(type_url=url, value=value))
+        request = pb.SaveCacheRequest(cache=cache, sourcePath=str(source))
+        try:
+            getattr(stub, method)(request, timeout=10)
+        except grpc.RpcError as e:
+            assert e.code() not in (grpc.StatusCode.UNKNOWN,
+                                    grpc.StatusCode.INTERNAL), e.details()
+            if e.code() == grpc.StatusCode.INVALID_ARGUMENT:
+                assert re.match(r"[A-Za-z.]+: ", e.details()), e.details()
+
+    call()
+    assert daemon.events("rpc_failed") == []
+
+
+def test_an_unexpected_error_is_internal_and_logged_once():
+    import structlog
+
+    from epm_server.service import adapt
+
+    class Context:
+        def abort(self, code, details):
+            self.status = (code, details)
+            raise RuntimeError("aborted")
+
+    @adapt
+    def SaveCache(self, request, context):
+        raise KeyError("a bug of ours")
+
+    context = Context()
+    with structlog.testing.capture_logs() as logs, pytest.raises(RuntimeError):
+        SaveCache(None, None, context)
+
+    assert context.status[0] == grpc.StatusCode.INTERNAL
+    assert context.status[1].startswith("SaveCache: internal error (KeyError)")
+    assert [e["event"] for e in logs] == ["rpc_failed"]
