@@ -239,7 +239,26 @@ def parse(data):
     if os.path.normpath(cfg.handoff_path) == os.path.normpath(cfg.grpc_address):
         raise ConfigError(f"handoff.address: {cfg.handoff_path} is the gRPC "
                           "socket's address too")
+    _check_socket_path("grpc.address", cfg.grpc_address)
+    if cfg.handoff_address is not None:
+        _check_socket_path("handoff.address", cfg.handoff_address)
+    else:
+        _check_socket_path("grpc.address", cfg.handoff_path,
+                           "the hand-off socket beside it")
     return cfg
+
+
+# sockaddr_un.sun_path is 108 bytes on Linux, the terminating NUL included
+# (unix(7)); bind(2) refuses a longer path.
+MAX_SOCKET_PATH = 107
+
+
+def _check_socket_path(key, path, what="the path"):
+    """Refuse a socket path that bind(2) would refuse, before anything is made."""
+    size = len(os.fsencode(path))
+    if size > MAX_SOCKET_PATH:
+        raise ConfigError(f"{key}: {what} is {size} bytes long; a Unix socket "
+                          f"path is at most {MAX_SOCKET_PATH} bytes")
 
 
 # The most a [[prewarm]] count may ask for; the pool's limits still apply.

@@ -7,7 +7,9 @@ available enclaves stay in its fd store and the next start adopts them.
 """
 
 import argparse
+import datetime
 import errno
+import json
 import os
 import resource
 import signal
@@ -66,9 +68,14 @@ def main(argv=None):
     args = parser.parse_args(argv)
     try:
         cfg = config.load(args.config)
-        not_recycled = _not_recycled(cfg.prewarm)
     except ConfigError as e:
         print(f"epm: {e}", file=sys.stderr)
+        return 2
+    try:
+        not_recycled = _not_recycled(cfg.prewarm)
+    except ConfigError as e:
+        # Named like the config's own errors: the file, then the key.
+        print(f"epm: {args.config or config.DEFAULT_PATH}: {e}", file=sys.stderr)
         return 2
     log.configure(args.log_level)
     try:
@@ -114,10 +121,22 @@ def run(cfg, not_recycled=()):
     # and one that took a lock (threading.Event.set does) could deadlock on
     # a lock the main thread held at that moment, ignoring the signal.
     signals = []
+    sockets = (cfg.grpc_address, cfg.handoff_path)
+
+    def on_signal(signum, _):
+        signals.append(signum)
+        if len(signals) > 1:
+            _stop_now(signum, sockets)
+
     for signum in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(signum, lambda signum, _: signals.append(signum))
+        signal.signal(signum, on_signal)
+    # Each directory once: both sockets usually share one, and its warning
+    # should be logged once.
+    for directory in dict.fromkeys(os.path.dirname(p) or "." for p in
+                                   (cfg.grpc_address, cfg.handoff_path)):
+        _prepare_runtime_dir(directory, cfg.uid, cfg.gid)
     for path in (cfg.grpc_address, cfg.handoff_path):
-        _prepare_socket_path(path, cfg.uid, cfg.gid)
+        _prepare_socket_path(path)
     _remove_stale_legacy_sockets(cfg.socket_dir)
     records = _open_records(cfg)
     bundles = BundleCaches(cfg.root, records, AllowedRoots(
@@ -184,6 +203,33 @@ def run(cfg, not_recycled=()):
     return 0
 
 
+def _stop_now(signum, sockets):
+    """A second SIGTERM or SIGINT: remove the sockets and exit at once.
+
+    The first signal's stop waits for calls and hand-offs in flight (a
+    legacy client that connects and sends nothing holds it for its whole
+    timeout); the second waits for nothing. Exiting closes every fd the
+    daemon holds, pooled enclaves included; under systemd, enclaves still
+    queued for its fd store are lost. Like the first handler this one takes
+    no lock, so it writes its log line with os.write, not structlog.
+    """
+    for path in sockets:
+        try:
+            unlink_socket(path)
+        except OSError:
+            pass
+    event = {"signal": signal.Signals(signum).name,
+             "event": "epm_stopped_at_once", "level": "warning",
+             "timestamp": datetime.datetime.now(datetime.timezone.utc)
+             .isoformat().replace("+00:00", "Z")}
+    line = (json.dumps(event) if not os.isatty(2)
+            else " ".join(f"{k}={v}" for k, v in event.items()))
+    try:
+        os.write(2, line.encode() + b"\n")
+    finally:
+        os._exit(128 + signum)
+
+
 def _open_records(cfg):
     """Open the bundle caches' database and make it agree with the disk."""
     os.makedirs(cfg.root, mode=0o755, exist_ok=True)
@@ -247,9 +293,8 @@ def _prepare_runtime_dir(directory, uid, gid):
     os.chmod(directory, RUNTIME_DIR_MODE)
 
 
-def _prepare_socket_path(path, uid=None, gid=None):
-    directory = os.path.dirname(path) or "."
-    _prepare_runtime_dir(directory, uid, gid)
+def _prepare_socket_path(path):
+    """Make room for a socket at ``path``, whose directory exists."""
     if is_served(path):
         raise StartupError(f"another daemon is serving {path}")
     # A socket left by a daemon that died: ours to replace.

@@ -127,3 +127,26 @@ def test_non_utf8_file_is_one_error_naming_the_file(tmp_path):
 def test_unreadable_file_is_one_error_naming_the_file(tmp_path):
     with pytest.raises(ConfigError, match=f"cannot read config file {tmp_path}"):
         config.load(str(tmp_path))
+
+
+@pytest.mark.parametrize("table, key, path, what", [
+    ("grpc", "grpc.address", "/" + "a" * 100 + "/epm.sock", "the path"),
+    ("handoff", "handoff.address", "/" + "h" * 110, "the path"),
+    # 104 bytes fit, but epm-handoff.sock beside them does not.
+    ("grpc", "grpc.address", "/" + "g" * 94 + "/epm.sock",
+     "the hand-off socket beside it"),
+])
+def test_a_socket_path_too_long_for_bind_is_named(table, key, path, what):
+    """sun_path holds 107 bytes and a NUL: refused at load, naming the key."""
+    with pytest.raises(ConfigError, match=f"^{key}: {what} is [0-9]+ bytes long; "
+                       "a Unix socket path is at most 107 bytes$"):
+        config.parse({table: {"address": path}})
+
+
+def test_a_socket_path_of_107_bytes_is_accepted():
+    path = "/" + "a" * 89 + "/epm.sock"
+    assert len(path) == 99
+    handoff = "/" + "b" * 106
+    cfg = config.parse({"grpc": {"address": path},
+                        "handoff": {"address": handoff}})
+    assert cfg.handoff_path == handoff

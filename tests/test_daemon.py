@@ -93,3 +93,64 @@ def test_signals_during_a_busy_main_loop_always_stop_the_daemon(make_daemon):
         d = make_daemon()
         assert d.stop(sig, timeout=15) == 0
         assert not d.grpc_socket.exists()
+
+
+def test_a_socket_path_too_long_stops_the_daemon_before_it_makes_anything(
+        tmp_path):
+    run_dir = tmp_path / ("d" * 200)
+    config = tmp_path / "config.toml"
+    config.write_text(f'root = "{tmp_path}/root"\ndb_path = "{tmp_path}/db"\n'
+                      f'[grpc]\naddress = "{run_dir}/epm.sock"\n')
+
+    result = run_epm("--config", str(config))
+
+    assert result.returncode == 2
+    assert result.stderr.startswith(f"epm: {config}: grpc.address: the path is ")
+    assert len(result.stderr.splitlines()) == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["config.toml"]
+
+
+def test_an_open_runtime_directory_is_warned_about_once(tmp_path):
+    daemon = Daemon(tmp_path)
+    daemon.run_dir.mkdir()
+    daemon.run_dir.chmod(0o777)
+    try:
+        daemon.start()
+    finally:
+        assert daemon.stop() == 0
+    assert len(daemon.events("runtime_dir_open_to_all")) == 1
+
+
+def test_a_second_signal_stops_at_once(tmp_path):
+    """The first SIGINT waits for hand-offs in flight; the second does not.
+
+    A legacy client that connects for its check-in and sends nothing holds
+    the first stop for the whole accept timeout (20 s here).
+    """
+    import time
+    import legacy_client
+    from epm_api import v1alpha1_pb2 as pb
+    daemon = Daemon(tmp_path, "[handoff]\ntimeout = 20\n"
+                    "[legacy]\naccept_timeout = 20\n").start()
+    try:
+        cache = pb.Cache(type=legacy_client.POOL, subType="s", ID="stalled")
+        cache.options.Pack(legacy_client.layout())
+        legacy_client.call(str(daemon.grpc_socket), "SaveCache",
+                           pb.SaveCacheRequest(cache=cache))
+        with socket.socket(socket.AF_UNIX) as stalled:
+            stalled.connect(str(daemon.run_dir / "stalled"))
+            daemon.proc.send_signal(signal.SIGINT)
+            time.sleep(1.0)
+            assert daemon.proc.poll() is None
+            daemon.proc.send_signal(signal.SIGINT)
+            started = time.monotonic()
+            code = daemon.proc.wait(10)
+            took = time.monotonic() - started
+    finally:
+        daemon.stop(signal.SIGKILL)
+
+    assert code == 128 + signal.SIGINT and took < 3
+    assert not daemon.grpc_socket.exists()
+    assert not daemon.handoff_socket.exists()
+    assert [e["signal"] for e in daemon.events("epm_stopped_at_once")] == [
+        "SIGINT"]

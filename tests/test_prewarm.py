@@ -129,6 +129,6 @@ def test_a_pre_warmed_image_that_cannot_be_read_stops_the_daemon(tmp_path):
     result = subprocess.run([sys.executable, "-m", "epm_server.main", "--config",
                              str(cfg)], capture_output=True, text=True, timeout=60)
     assert result.returncode == 2
-    assert result.stderr.startswith("epm: prewarm[0].image: ")
+    assert result.stderr.startswith(f"epm: {cfg}: prewarm[0].image: ")
     assert "encl.bin" in result.stderr and len(result.stderr.splitlines()) == 1
     assert not (tmp_path / "run" / "epm.sock").exists()
