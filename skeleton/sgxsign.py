@@ -3,6 +3,10 @@
 The signer first writes the metadata record (mmap size, NULL-dereference
 protection) into the image in place, then measures the image as the loader
 will lay it out and signs the SIGSTRUCT with an RSA-3072 key of exponent 3.
+Writing in place is what the published signer does, and what keeps one image
+file and its SIGSTRUCT a pair; the command refuses to change metadata that an
+earlier signing wrote unless told to (``--rewrite-metadata``), because every
+SIGSTRUCT made for the old values would silently stop matching the image.
 """
 
 import argparse
@@ -15,7 +19,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
 
 from skeleton.errors import ImageError, SigningError
-from skeleton.image import MMAP_MIN_ADDR_PATH, read_pages
+from skeleton.image import (MAX_ENCLAVE_SIZE, MMAP_MIN_ADDR_PATH, read_file,
+                            read_pages)
 from skeleton.image import host_mmap_min_addr as _read_mmap_min_addr
 from skeleton.measure import Geometry, measure
 from skeleton.structs import (ATTR_DEBUG, ATTR_MODE64BIT, DEBUG_MARKER,
@@ -27,15 +32,27 @@ KEY_BITS = 3072
 EXPONENT = 3  # SGX requires e = 3 (SDM Vol. 3D, 34.14)
 ALL_ONES = (1 << 64) - 1
 MODULUS_BYTES = KEY_BITS // 8
+# A PEM RSA-3072 private key is about 2.5 KiB; anything much larger is not one.
+MAX_KEY_FILE_SIZE = 64 << 10
 
 
 def generate_key(path):
-    """Write a new RSA-3072 private key with e=3 as PEM, readable by its owner."""
+    """Write a new RSA-3072 private key with e=3 as PEM to a new file, mode 0600.
+
+    Raises SigningError when ``path`` exists, even as a symbolic link: an
+    existing file would keep its mode (perhaps world-readable) and lose
+    whatever it held.
+    """
     key = rsa.generate_private_key(public_exponent=EXPONENT, key_size=KEY_BITS)
     pem = key.private_bytes(serialization.Encoding.PEM,
                             serialization.PrivateFormat.TraditionalOpenSSL,
                             serialization.NoEncryption())
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
+                     | os.O_CLOEXEC, 0o600)
+    except FileExistsError:
+        raise SigningError(f"{path}: already exists; --genkey writes only a new "
+                           "file (remove it or choose another path)") from None
     with os.fdopen(fd, "wb") as f:
         f.write(pem)
 
@@ -43,10 +60,11 @@ def generate_key(path):
 def load_key(path):
     """The RSA private key in a PEM file; raises SigningError unless SGX can use it."""
     try:
-        key = serialization.load_pem_private_key(pathlib.Path(path).read_bytes(),
-                                                 password=None)
-    except OSError as e:
-        raise SigningError(f"{path}: cannot read key: {e.strerror}") from None
+        pem = read_file(path, MAX_KEY_FILE_SIZE)
+    except ImageError as e:
+        raise SigningError(f"cannot read key: {e}") from None
+    try:
+        key = serialization.load_pem_private_key(pem, password=None)
     except (ValueError, TypeError) as e:
         raise SigningError(f"{path}: not a PEM private key: {e}") from None
     if not isinstance(key, rsa.RSAPrivateKey):
@@ -104,6 +122,37 @@ def check_options(attributes, attributes_mask, xfrm, product):
                            "attribute: it would allow debug launches")
 
 
+def check_metadata_rewrite(image_path, metadata):
+    """Refuse to change metadata that an earlier signing wrote into an image.
+
+    A freshly built image has a zero record; one signed before holds that
+    signing's values, and its SIGSTRUCT matches only them. Returns the
+    image's current record; raises SigningError naming the old and new values
+    when they differ.
+    """
+    current = image_metadata(image_path)
+    if any(current) and current != metadata:
+        raise SigningError(
+            f"{image_path} already carries metadata from an earlier signing "
+            f"({describe_metadata(current)}); signing it for "
+            f"{describe_metadata(metadata)} rewrites it, and every SIGSTRUCT made "
+            "for the old values stops matching the image: sign a copy of the "
+            "image, or give --rewrite-metadata")
+    return current
+
+
+def describe_metadata(metadata):
+    """The metadata record in the words of the options that set it."""
+    protection = "on" if metadata.null_dereference_protection else "off"
+    return (f"mmap size {metadata.max_mmap_size:#x}, NULL-dereference protection "
+            f"{protection}, mmap_min_addr {metadata.mmap_min_addr:#x}")
+
+
+def image_metadata(image_path):
+    """The metadata record an image holds now; raises ImageError."""
+    return METADATA.unpack(read_pages(image_path)[-PAGE_SIZE:][:METADATA.size])
+
+
 def write_metadata(image_path, metadata):
     """Write the metadata record at the start of the image's last page, in place."""
     last_page = len(read_pages(image_path)) - PAGE_SIZE
@@ -147,7 +196,13 @@ def sign(key, image_path, output_path, *, mmap_size=0, attributes=None,
     metadata = METADATA.record(
         max_mmap_size=mmap_size, mmap_min_addr=mmap_min_addr,
         null_dereference_protection=int(null_dereference_protection))
-    Geometry.compute(len(read_pages(image_path)), metadata, xfrm, miscselect)
+    geometry = Geometry.compute(len(read_pages(image_path)), metadata, xfrm,
+                                miscselect)
+    if geometry.enclave_size > MAX_ENCLAVE_SIZE:
+        raise SigningError(f"the enclave would be {geometry.enclave_size:#x} bytes "
+                           f"(mmap size {geometry.mmap_size:#x} plus the image "
+                           f"offset {geometry.encl_offset:#x}, rounded up to a power "
+                           f"of two); at most {MAX_ENCLAVE_SIZE:#x} (64 GiB)")
     write_metadata(image_path, metadata)
     data = read_pages(image_path)
     geometry = Geometry.of_image(data, xfrm, miscselect)
@@ -181,15 +236,45 @@ def sign(key, image_path, output_path, *, mmap_size=0, attributes=None,
 
 
 def _hex(text):
+    """A u64 in hex, as the SIGSTRUCT and metadata fields hold."""
     try:
-        return int(text, 16)
+        value = int(text, 16)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not a hex number") from None
+    if not 0 <= value <= ALL_ONES:
+        raise argparse.ArgumentTypeError(f"{text} is out of range: a 64-bit value, "
+                                         f"0 to {ALL_ONES:#x}")
+    return value
+
+
+def _mmap_size(text):
+    """An mmap size in bytes (decimal, or 0x hex), at most MAX_ENCLAVE_SIZE.
+
+    It need not be a power of two: the enclave size is the power of two above
+    it. The cap is the largest enclave this signer and the loaders build
+    (skeleton.image.MAX_ENCLAVE_SIZE); every page up to it is measured.
+    """
+    try:
+        value = int(text, 0)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not 0 <= value <= MAX_ENCLAVE_SIZE:
+        raise argparse.ArgumentTypeError(
+            f"{text} is out of range: 0 to {MAX_ENCLAVE_SIZE} ({MAX_ENCLAVE_SIZE:#x}, "
+            "64 GiB, the largest enclave size)")
+    return value
 
 
 def _parser():
     p = argparse.ArgumentParser(
-        prog="sgxsign", description="Sign a skeleton enclave image.",
+        prog="sgxsign",
+        description="Sign a skeleton enclave image. IMAGE is modified in place: "
+                    "the metadata record (mmap size, NULL-dereference protection, "
+                    "mmap_min_addr) is written into its last page before it is "
+                    "measured, so a SIGSTRUCT made for other values no longer "
+                    "matches it. sgxsign refuses to change metadata that an "
+                    "earlier signing wrote unless --rewrite-metadata is given; to "
+                    "sign one image for several sizes, sign a copy for each.",
         usage="sgxsign [options] KEY IMAGE OUTPUT [SIGSTRUCT_TBS_OUT]\n"
               "       sgxsign --genkey KEYFILE")
     p.add_argument("--genkey", metavar="KEYFILE",
@@ -198,8 +283,10 @@ def _parser():
                    help="sign a product enclave (no debug marker, no debug attribute)")
     p.add_argument("-D", "--debug-enclave", action="store_true",
                    help="set the debug attribute")
-    p.add_argument("-s", "--mmap-size", type=lambda t: int(t, 0), default=0,
-                   metavar="BYTES", help="enclave mmap size (max_mmap_size)")
+    p.add_argument("-s", "--mmap-size", type=_mmap_size, default=0,
+                   metavar="BYTES", help="enclave mmap size (max_mmap_size), at most "
+                                         "64 GiB; the enclave size is the power of "
+                                         "two at or above it")
     p.add_argument("-a", "--attrs", type=_hex, metavar="HEX",
                    help="attributes (default 64-bit mode)")
     p.add_argument("-A", "--attrs-mask", type=_hex, metavar="HEX",
@@ -214,6 +301,9 @@ def _parser():
     p.add_argument("-m", "--mmap_min_addr", type=_hex, metavar="HEX",
                    help="the vm.mmap_min_addr the enclave will run with; with -n "
                         "the image offset, 16 MiB when 0 (default: this host's)")
+    p.add_argument("--rewrite-metadata", action="store_true",
+                   help="allow changing the metadata an earlier signing wrote into "
+                        "IMAGE (SIGSTRUCTs made for the old values stop matching)")
     p.add_argument("files", nargs="*", metavar="KEY IMAGE OUTPUT [SIGSTRUCT_TBS_OUT]")
     return p
 
@@ -231,12 +321,17 @@ def main(argv=None):
             generate_key(args.genkey)
             return 0
         key, image, output, *tbs = args.files
+        old = _metadata_change(image, args)
         sign(key, image, output, mmap_size=args.mmap_size, attributes=args.attrs,
              attributes_mask=args.attrs_mask, xfrm=args.xfrm,
              xfrm_mask=args.xfrm_mask, product=args.no_debugger,
              debug_enclave=args.debug_enclave,
              null_dereference_protection=args.null_dereference_protection,
              mmap_min_addr=args.mmap_min_addr, tbs_path=tbs[0] if tbs else None)
+        if old is not None:
+            print(f"sgxsign: warning: rewrote the metadata of {image} (it was "
+                  f"{describe_metadata(old)}): SIGSTRUCTs made for those values no "
+                  "longer match it", file=sys.stderr)
     except (SigningError, ImageError) as e:
         print(f"sgxsign: {e}", file=sys.stderr)
         return 1
@@ -244,6 +339,24 @@ def main(argv=None):
         print(f"sgxsign: {e.filename}: {e.strerror}", file=sys.stderr)
         return 1
     return 0
+
+
+def _metadata_change(image, args):
+    """The metadata that signing will replace, or None when it stays the same.
+
+    Raises SigningError for a change without --rewrite-metadata.
+    """
+    mmap_min_addr = args.mmap_min_addr
+    if mmap_min_addr is None:
+        mmap_min_addr = host_mmap_min_addr()
+    metadata = METADATA.record(
+        max_mmap_size=args.mmap_size, mmap_min_addr=mmap_min_addr,
+        null_dereference_protection=int(args.null_dereference_protection))
+    if not args.rewrite_metadata:
+        check_metadata_rewrite(image, metadata)
+        return None
+    current = image_metadata(image)
+    return current if any(current) and current != metadata else None
 
 
 if __name__ == "__main__":

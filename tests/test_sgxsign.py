@@ -2,6 +2,7 @@
 
 import datetime
 import hashlib
+import os
 import pathlib
 import shutil
 import struct
@@ -257,3 +258,130 @@ def test_product_signature_launches_in_sim(key_path, image, tmp_path):
                  mmap_size=1 << 20)
     with sim.build(load_image(tmp_path)) as enclave:
         assert enclave.ecall(0) == "Hello Inclavare Containers!"
+
+
+def _sign(key_path, image, output, *options):
+    return sgxsign.main([*options, str(key_path), str(image), str(output)])
+
+
+def test_help_says_the_image_is_modified_in_place(capsys):
+    with pytest.raises(SystemExit):
+        sgxsign.main(["--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    assert "IMAGE is modified in place" in out
+    assert "--rewrite-metadata" in out
+
+
+def test_signing_for_other_values_is_refused_and_the_old_sigstruct_still_works(
+        key_path, image, tmp_path, capsys):
+    assert _sign(key_path, image, tmp_path / "encl.ss", "-s", str(1 << 20)) == 0
+    before = image.read_bytes()
+
+    code = _sign(key_path, image, tmp_path / "other.ss", "-s", str(2 << 20))
+
+    err = capsys.readouterr().err
+    assert code == 1 and err.count("\n") == 1
+    assert f"{image} already carries metadata from an earlier signing (mmap size " \
+           "0x100000, NULL-dereference protection off, mmap_min_addr 0x1000); " \
+           "signing it for mmap size 0x200000," in err
+    assert "give --rewrite-metadata" in err
+    assert image.read_bytes() == before and not (tmp_path / "other.ss").exists()
+    with sim.build(load_image(tmp_path)) as enclave:
+        assert enclave.ecall(0) == "Hello Inclavare Containers!"
+
+
+def test_signing_again_for_the_same_values_needs_no_flag(key_path, image, tmp_path,
+                                                         capsys):
+    assert _sign(key_path, image, tmp_path / "a.ss", "-s", str(1 << 20)) == 0
+    assert _sign(key_path, image, tmp_path / "b.ss", "-s", str(1 << 20)) == 0
+    assert capsys.readouterr().err == ""
+
+
+def test_rewrite_metadata_rewrites_and_warns_with_the_old_values(
+        key_path, image, tmp_path, capsys):
+    assert _sign(key_path, image, tmp_path / "a.ss", "-s", str(1 << 20)) == 0
+
+    code = _sign(key_path, image, tmp_path / "encl.ss", "--rewrite-metadata",
+                 "-s", str(2 << 20))
+
+    err = capsys.readouterr().err
+    assert code == 0
+    assert err == (f"sgxsign: warning: rewrote the metadata of {image} (it was "
+                   "mmap size 0x100000, NULL-dereference protection off, "
+                   "mmap_min_addr 0x1000): SIGSTRUCTs made for those values no "
+                   "longer match it\n")
+    assert load_image(tmp_path).metadata.max_mmap_size == 2 << 20
+
+
+@pytest.mark.parametrize("which", ["key", "image"])
+def test_a_device_as_key_or_image_is_one_prompt_line(key_path, image, tmp_path,
+                                                     capsys, which):
+    files = {"key": key_path, "image": image, which: "/dev/zero"}
+    assert _sign(files["key"], files["image"], tmp_path / "o.ss") == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "/dev/zero: not a regular file" in err
+
+
+def test_a_fifo_as_image_is_refused_without_blocking(key_path, tmp_path, capsys):
+    os.mkfifo(tmp_path / "fifo")
+    assert _sign(key_path, tmp_path / "fifo", tmp_path / "o.ss") == 1
+    assert "fifo: not a regular file" in capsys.readouterr().err
+
+
+def test_genkey_refuses_an_existing_file_and_keeps_it(tmp_path, capsys):
+    path = tmp_path / "key.pem"
+    path.write_text("keep me")
+    path.chmod(0o644)
+
+    assert sgxsign.main(["--genkey", str(path)]) == 1
+
+    assert capsys.readouterr().err == (f"sgxsign: {path}: already exists; --genkey "
+                                       "writes only a new file (remove it or "
+                                       "choose another path)\n")
+    assert path.read_text() == "keep me"
+
+
+def test_genkey_does_not_follow_a_symbolic_link(tmp_path):
+    target = tmp_path / "elsewhere"
+    (tmp_path / "key.pem").symlink_to(target)
+    assert sgxsign.main(["--genkey", str(tmp_path / "key.pem")]) == 1
+    assert not target.exists()
+
+
+def test_genkey_writes_mode_0600_whatever_the_umask(tmp_path):
+    old = os.umask(0)
+    try:
+        assert sgxsign.main(["--genkey", str(tmp_path / "key.pem")]) == 0
+    finally:
+        os.umask(old)
+    assert (tmp_path / "key.pem").stat().st_mode & 0o777 == 0o600
+
+
+@pytest.mark.parametrize("options, message", [
+    (["-s", "99999999999999999999"], "argument -s/--mmap-size: 99999999999999999999 "
+                                     "is out of range: 0 to 68719476736"),
+    (["-s", str(1 << 40)], "argument -s/--mmap-size: 1099511627776 is out of range"),
+    (["-s", "-1"], "argument -s/--mmap-size: -1 is out of range"),
+    (["-x", "0xffffffffffffffffff"], "argument -x/--xfrm: 0xffffffffffffffffff is "
+                                     "out of range: a 64-bit value"),
+    (["-a", "0x1ffffffffffffffff"], "argument -a/--attrs: 0x1ffffffffffffffff is "
+                                    "out of range"),
+    (["-m", "1" + "0" * 17], "argument -m/--mmap_min_addr: "),
+])
+def test_an_out_of_range_value_is_a_usage_error(key_path, image, tmp_path, capsys,
+                                                options, message):
+    with pytest.raises(SystemExit) as exit_info:
+        _sign(key_path, image, tmp_path / "o.ss", *options)
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_an_enclave_over_64_gib_is_refused_before_measuring(key_path, image,
+                                                            tmp_path, capsys):
+    """The largest mmap size with -n's 16 MiB offset would need 128 GiB."""
+    before = image.read_bytes()
+    code = _sign(key_path, image, tmp_path / "o.ss", "-s", str(64 << 30), "-n",
+                 "-m", "0")
+    assert code == 1
+    assert "the enclave would be 0x2000000000 bytes" in capsys.readouterr().err
+    assert image.read_bytes() == before
