@@ -102,9 +102,10 @@ class BundleCaches:
     def save(self, pool_type, subtype, cache_id, parent, source_path):
         """Copy ``source_path`` into a new cache; return its record.
 
-        ``parent`` is (type, ID) or None. Raises InvalidArgument,
-        AlreadyExists, NotFound (source or parent), PermissionDenied (a path
-        outside the allowed roots or through a symlink).
+        ``parent`` is (type, ID) or None. Raises InvalidArgument (among
+        others, a source that is itself a symlink), AlreadyExists, NotFound
+        (source or parent), PermissionDenied (a path outside the allowed
+        roots or through a symlink).
         """
         validate_id(cache_id)
         subtype_from_request(subtype, "cache.subType")
@@ -139,8 +140,8 @@ class BundleCaches:
         try:
             os.mkdir(staged, 0o755, dir_fd=tmp)
             with opened_dir(staged, tmp) as staged_fd:
-                size = safecopy.copy_entry(src_dir, name, staged_fd, DATA,
-                                           "sourcePath", shown=source_path)
+                size = safecopy.copy_in(src_dir, name, staged_fd, DATA,
+                                        "sourcePath", shown(source_path))
                 os.fsync(staged_fd)
             parent_path, own = record.path.rsplit("/", 1)
             placed = self._make_dirs(parent_path)
@@ -171,15 +172,17 @@ class BundleCaches:
     def load(self, pool_type, subtype, cache_id, target_path):
         """Copy a cache's data to ``target_path``; return the bytes copied.
 
-        Raises InvalidArgument, NotFound, PermissionDenied.
+        ``target_path`` is created, or an existing directory merged into.
+        Raises InvalidArgument (among others, an existing file or symlink
+        at ``target_path``), NotFound, PermissionDenied, FailedPrecondition.
         """
         record = self.get(pool_type, subtype, cache_id)
         with self._use((pool_type, cache_id)):
             dst_dir, name = self._allowed.open_parent(target_path, "targetPath")
             try:
                 with opened_dir(os.path.join(self._root, record.path)) as cache_fd:
-                    return safecopy.copy_entry(cache_fd, DATA, dst_dir, name,
-                                               "targetPath", shown=target_path)
+                    return safecopy.copy_out(cache_fd, DATA, dst_dir, name,
+                                             "targetPath", shown(target_path))
             finally:
                 os.close(dst_dir)
 

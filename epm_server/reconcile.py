@@ -2,11 +2,14 @@
 
 A daemon killed during a save leaves a staged copy in ``root/.tmp``, or (if
 it died between the rename and the commit) a cache directory with no
-record; an operator may have removed a cache's data by hand. Each repair is
+record; an operator may have removed a cache's data by hand. A cache whose
+data is a symlink (an older daemon saved a symlinked ``sourcePath`` as the
+link itself) is dropped too: loading it would put that link at the target. Each repair is
 logged, and the list of them returned, so that nothing vanishes silently.
 """
 
 import os
+import stat
 
 import structlog
 
@@ -17,7 +20,8 @@ log = structlog.get_logger(__name__)
 
 
 def reconcile(root, records):
-    """Drop records without data, data without records, and staged copies.
+    """Drop records without data (or with a symlink for data), data without
+    records, and staged copies.
 
     Returns a list of (what, path) pairs, one per repair.
     """
@@ -32,10 +36,14 @@ def reconcile(root, records):
     # Parents before children: a shorter path is never a descendant.
     for record in sorted(records.list(), key=lambda r: r.path.count("/")):
         parent = (record.parent_type, record.parent_id)
+        data = safecopy.lstat_at(None, os.path.join(root, record.path, DATA))
         if record.parent_id and parent not in kept:
             what = "record_without_parent_dropped"
-        elif safecopy.lstat_at(None, os.path.join(root, record.path, DATA)) is None:
+        elif data is None:
             what = "record_without_data_dropped"
+        elif not (stat.S_ISDIR(data.st_mode) or stat.S_ISREG(data.st_mode)):
+            # Saved by a daemon that copied a symlinked sourcePath as a link.
+            what = "record_with_symlink_data_dropped"
         else:
             kept[(record.type, record.id)] = record
             continue

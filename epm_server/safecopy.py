@@ -5,16 +5,19 @@ client chose, so a path check followed by an ordinary copy would race: a
 component swapped for a symlink between the check and the open would lead
 anywhere. Every open here is relative to a directory fd and refuses to
 follow a symlink (O_NOFOLLOW), starting from the allowed root itself, so the
-check and the use are the same system call. Symlinks inside a copied tree are
-copied as symlinks and never followed; device files, sockets and fifos are
-refused, because copying one as root would read a device or block on a pipe.
+check and the use are the same system call. A client-named path must not be
+a symlink itself; symlinks inside a copied tree are copied as symlinks and
+never followed, and never replace a file. Device files, sockets and fifos
+are refused, because copying one as root would read a device or block on a
+pipe.
 """
 
 import errno
 import os
 import stat
 
-from epm_server.errors import InvalidArgument, NotFound, PermissionDenied, shown
+from epm_server.errors import (
+    FailedPrecondition, InvalidArgument, NotFound, PermissionDenied, shown)
 
 _DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 # O_NONBLOCK: a fifo swapped in after the lstat must not block the open.
@@ -113,50 +116,108 @@ def lstat_at(dir_fd, name):
         return None
 
 
-def copy_entry(src_dir, name, dst_dir, dst_name, field, shown=None, depth=0):
-    """Copy ``name`` (file, directory or symlink) to ``dst_name``; return bytes.
+def copy_in(src_dir, name, dst_dir, dst_name, field, shown):
+    """Copy a client's file or directory ``name`` to a new ``dst_name``.
 
-    Files are fsynced, and so is every directory once filled. An existing
-    file or symlink at the destination is replaced; an existing directory
-    is merged into. Raises InvalidArgument for a special file, a type
-    conflict at the destination or a tree deeper than 64 levels.
+    The path's last component must not be a symlink: the client names what
+    is saved, never a link to it (a saved link to ``/etc`` would later be
+    loaded as one). Returns the bytes of regular files copied. Raises
+    NotFound, InvalidArgument naming ``field``.
     """
-    shown = shown or name
-    if depth > _MAX_DEPTH:
-        raise InvalidArgument(f"{field}: {shown} is nested deeper than "
-                              f"{_MAX_DEPTH} directories")
     st = lstat_at(src_dir, name)
     if st is None:
         raise NotFound(f"{field}: {shown} does not exist")
+    if stat.S_ISLNK(st.st_mode):
+        raise InvalidArgument(f"{field}: {shown} is a symlink; name the file or "
+                              "directory itself")
+    return _copy(src_dir, name, st, dst_dir, dst_name, field, shown, 0,
+                 replace=False)
+
+
+def copy_out(src_dir, name, dst_dir, dst_name, field, shown):
+    """Copy a cache's data ``name`` to a client's ``dst_name``.
+
+    ``dst_name`` must not exist, or be a directory that a directory's
+    content is merged into: an existing file or symlink is refused, never
+    replaced. Returns the bytes of regular files copied. Raises
+    InvalidArgument naming ``field``, FailedPrecondition when the cache's
+    data is not a file or directory.
+    """
+    st = lstat_at(src_dir, name)
+    if st is None or not (stat.S_ISDIR(st.st_mode) or stat.S_ISREG(st.st_mode)):
+        what = "missing" if st is None else f"a {kind_of(st.st_mode)}"
+        raise FailedPrecondition(f"the cache's data is {what}; delete the cache")
+    existing = lstat_at(dst_dir, dst_name)
+    if existing is not None and not stat.S_ISDIR(existing.st_mode):
+        raise InvalidArgument(f"{field}: {shown} exists and is a "
+                              f"{kind_of(existing.st_mode)}; LoadCache creates a "
+                              "new path or merges into a directory")
+    if existing is not None and not stat.S_ISDIR(st.st_mode):
+        raise InvalidArgument(f"{field}: {shown} is a directory; a single-file "
+                              "cache is loaded to a new path")
+    return _copy(src_dir, name, st, dst_dir, dst_name, field, shown, 0,
+                 replace=False)
+
+
+def _copy(src_dir, name, st, dst_dir, dst_name, field, shown, depth, replace=True):
+    """Copy ``name``, whose lstat is ``st``, to ``dst_name``; return bytes.
+
+    Files are fsynced, and so is every directory once filled. An existing
+    directory at the destination is merged into. With ``replace``, an
+    existing file or symlink gives way to a file, and a symlink to a
+    symlink; a symlink never replaces a file. Raises InvalidArgument for a
+    special file, a type conflict at the destination or a tree deeper than
+    64 levels.
+    """
+    if depth > _MAX_DEPTH:
+        raise InvalidArgument(f"{field}: {shown} is nested deeper than "
+                              f"{_MAX_DEPTH} directories")
     if stat.S_ISDIR(st.st_mode):
         return _copy_dir(src_dir, name, dst_dir, dst_name, field, shown, depth)
     if stat.S_ISREG(st.st_mode):
-        return _copy_file(src_dir, name, dst_dir, dst_name, field, shown)
-    if stat.S_ISLNK(st.st_mode):
+        return _copy_file(src_dir, name, dst_dir, dst_name, field, shown, replace)
+    if stat.S_ISLNK(st.st_mode) and depth > 0:
+        # Copied as a link and never followed: every later open here is
+        # O_NOFOLLOW from a directory fd, so it cannot lead a load outside.
         target = os.readlink(name, dir_fd=src_dir)
-        _clear(dst_dir, dst_name, field, shown)
-        os.symlink(target, dst_name, dir_fd=dst_dir)
+        existing = lstat_at(dst_dir, dst_name)
+        if existing is not None:
+            if not stat.S_ISLNK(existing.st_mode):
+                raise InvalidArgument(f"{field}: {shown} is a symlink and would "
+                                      f"replace a {kind_of(existing.st_mode)}")
+            os.unlink(dst_name, dir_fd=dst_dir)
+        try:
+            os.symlink(target, dst_name, dir_fd=dst_dir)
+        except FileExistsError:
+            raise _appeared(field, shown) from None
         return 0
     raise InvalidArgument(f"{field}: {shown} is a {kind_of(st.st_mode)}; only "
-                          "files, directories and symlinks are copied")
+                          "files, directories and symlinks inside them are copied")
 
 
 def _copy_dir(src_dir, name, dst_dir, dst_name, field, shown, depth):
-    src = os.open(name, _DIR, dir_fd=src_dir)
+    src = _open_dir(name, src_dir, field, shown)
     try:
         mode = os.fstat(src).st_mode & _MODE_MASK
         existing = lstat_at(dst_dir, dst_name)
         if existing is None:
-            os.mkdir(dst_name, mode | 0o700, dir_fd=dst_dir)
+            try:
+                os.mkdir(dst_name, mode | 0o700, dir_fd=dst_dir)
+            except FileExistsError:
+                raise _appeared(field, shown) from None
         elif not stat.S_ISDIR(existing.st_mode):
             raise InvalidArgument(f"{field}: {shown} is a directory but the "
                                   f"target is a {kind_of(existing.st_mode)}")
-        dst = os.open(dst_name, _DIR, dir_fd=dst_dir)
+        dst = _open_dir(dst_name, dst_dir, field, shown)
         try:
             size = 0
             for child in sorted(os.listdir(src)):
-                size += copy_entry(src, child, dst, child, field,
-                                   f"{shown}/{child}", depth + 1)
+                child_st = lstat_at(src, child)
+                if child_st is None:
+                    raise NotFound(f"{field}: {shown}/{child} vanished while "
+                                   "being copied")
+                size += _copy(src, child, child_st, dst, child, field,
+                              f"{shown}/{child}", depth + 1)
             os.fchmod(dst, mode)
             os.fsync(dst)
             return size
@@ -166,15 +227,24 @@ def _copy_dir(src_dir, name, dst_dir, dst_name, field, shown, depth):
         os.close(src)
 
 
-def _copy_file(src_dir, name, dst_dir, dst_name, field, shown):
-    src = os.open(name, _READ, dir_fd=src_dir)
+def _copy_file(src_dir, name, dst_dir, dst_name, field, shown, replace):
+    try:
+        src = os.open(name, _READ, dir_fd=src_dir)
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            raise _changed(field, shown, "symlink") from None
+        raise
     try:
         st = os.fstat(src)
         if not stat.S_ISREG(st.st_mode):
-            raise InvalidArgument(f"{field}: {shown} changed into a "
-                                  f"{kind_of(st.st_mode)} while being copied")
-        _clear(dst_dir, dst_name, field, shown)
-        dst = os.open(dst_name, _CREATE, st.st_mode & _MODE_MASK, dir_fd=dst_dir)
+            raise _changed(field, shown, kind_of(st.st_mode))
+        if replace:
+            _clear(dst_dir, dst_name, field, shown)
+        try:
+            dst = os.open(dst_name, _CREATE, st.st_mode & _MODE_MASK,
+                          dir_fd=dst_dir)
+        except FileExistsError:
+            raise _appeared(field, shown) from None
         try:
             offset = 0
             while True:
@@ -188,6 +258,25 @@ def _copy_file(src_dir, name, dst_dir, dst_name, field, shown):
             os.close(dst)
     finally:
         os.close(src)
+
+
+def _open_dir(name, dir_fd, field, shown):
+    """Open a directory entry, refusing one that turned into something else."""
+    try:
+        return os.open(name, _DIR, dir_fd=dir_fd)
+    except OSError as e:
+        if e.errno in (errno.ELOOP, errno.ENOTDIR):
+            raise _changed(field, shown, "symlink or a file") from None
+        raise
+
+
+def _changed(field, shown, kind):
+    return InvalidArgument(f"{field}: {shown} changed into a {kind} while "
+                           "being copied")
+
+
+def _appeared(field, shown):
+    return InvalidArgument(f"{field}: {shown} appeared while being copied")
 
 
 def _clear(dst_dir, dst_name, field, shown):

@@ -209,3 +209,110 @@ def test_sigkill_during_save_leaves_a_consistent_state(make_daemon, tmp_path):
         b.channel.close()
     finally:
         again.stop()
+
+
+def test_a_symlink_as_the_source_itself_is_refused(bundles, outside):
+    """The tester's attack: sourcePath a link to /etc, inside an allowed root."""
+    (bundles.allowed / "etclink").symlink_to(outside)
+    (bundles.allowed / "filelink").symlink_to(outside / "secret")
+
+    for name in ("etclink", "filelink"):
+        source = bundles.allowed / name
+        code, details = denied(lambda: bundles.save(T0, name, source))
+
+        assert code == grpc.StatusCode.INVALID_ARGUMENT, details
+        assert details.startswith(f"sourcePath: {source} is a symlink")
+    assert bundles.list(T0) == [] and os.listdir(bundles.root / ".tmp") == []
+    assert not (bundles.root / T0).exists() or os.listdir(bundles.root / T0) == []
+
+
+@pytest.mark.parametrize("cache", ["dir", "file"])
+@pytest.mark.parametrize("target_kind", ["file", "symlink"])
+def test_load_onto_an_existing_file_or_symlink_is_refused(bundles, outside,
+                                                          cache, target_kind):
+    tree = bundles.tree("s", {"a": b"from cache"})
+    bundles.save(T0, "c", tree if cache == "dir" else tree / "a")
+    target = bundles.allowed / "target"
+    if target_kind == "file":
+        target.write_bytes(b"mine")
+    else:
+        target.symlink_to(outside / "secret")
+
+    code, details = denied(lambda: bundles.load(T0, "c", target))
+
+    assert code == grpc.StatusCode.INVALID_ARGUMENT, details
+    assert details.startswith(f"targetPath: {target} exists and is a {target_kind}")
+    assert (outside / "secret").read_bytes() == b"secret"
+    if target_kind == "file":
+        assert target.read_bytes() == b"mine"
+    else:
+        assert os.readlink(target) == str(outside / "secret")
+
+
+def test_a_single_file_cache_onto_a_directory_is_refused(bundles):
+    bundles.save(T0, "f", bundles.tree("s", {"a": b"x"}) / "a")
+    (bundles.allowed / "dir").mkdir()
+
+    code, details = denied(lambda: bundles.load(T0, "f", bundles.allowed / "dir"))
+
+    assert code == grpc.StatusCode.INVALID_ARGUMENT
+    assert details.startswith("targetPath:") and "directory" in details
+    assert os.listdir(bundles.allowed / "dir") == []
+
+
+def test_a_saved_link_never_replaces_a_file_in_a_merge(bundles, outside):
+    source = bundles.tree("s", {"keep": b"k"})
+    (source / "conf").symlink_to(outside / "secret")
+    bundles.save(T0, "l", source)
+    target = bundles.allowed / "target"
+    target.mkdir()
+    (target / "conf").write_bytes(b"the container's own")
+
+    code, details = denied(lambda: bundles.load(T0, "l", target))
+
+    assert code == grpc.StatusCode.INVALID_ARGUMENT
+    assert details == (f"targetPath: {target}/conf is a symlink and would "
+                       "replace a file")
+    assert (target / "conf").read_bytes() == b"the container's own"
+
+
+def test_a_load_never_writes_through_a_link_an_earlier_load_made(bundles,
+                                                                 outside):
+    """A link loaded into the target stays a link: a second cache with a
+    directory of the same name is refused there, not written through it."""
+    links = bundles.allowed / "links"
+    links.mkdir()
+    (links / "d").symlink_to(outside)
+    bundles.save(T0, "links", links)
+    bundles.save(T0, "files", bundles.tree("files", {"d/secret": b"overwritten"}))
+    target = bundles.allowed / "target"
+
+    assert bundles.load(T0, "links", target).ok
+    code, details = denied(lambda: bundles.load(T0, "files", target))
+
+    assert code == grpc.StatusCode.INVALID_ARGUMENT
+    assert "is a directory but the target is a symlink" in details
+    assert (outside / "secret").read_bytes() == b"secret"
+    assert os.readlink(target / "d") == str(outside)
+
+
+def test_reconcile_drops_a_cache_whose_data_is_a_symlink(tmp_path):
+    """What an older daemon left after saving a symlinked sourcePath."""
+    root = tmp_path / "root"
+    records = Records(str(root / "epm.db"), 5)
+    (root / T0 / "b1").mkdir(parents=True)
+    (root / T0 / "b1" / "data").symlink_to("/etc")
+    (root / T0 / "b1" / T1 / "child" / "data").mkdir(parents=True)
+    records.insert(Record(T0, "b1", "s", "", "", f"{T0}/b1", 0, 1))
+    records.insert(Record(T1, "child", "s", T0, "b1", f"{T0}/b1/{T1}/child", 0, 1))
+
+    repairs = reconcile(str(root), records)
+
+    assert sorted(repairs) == sorted([
+        ("record_with_symlink_data_dropped", f"{T0}/b1"),
+        ("record_without_parent_dropped", f"{T0}/b1/{T1}/child"),
+        ("data_without_record_removed", f"{T0}/b1"),
+    ])
+    assert records.list() == [] and os.listdir(root / T0) == []
+    assert os.path.isdir("/etc")
+    records.close()
