@@ -41,38 +41,58 @@ def secret_dir(directory=None):
 def load_secret(directory=None):
     """This host's simulated CPU secret, created (0600) on first use.
 
-    Raises ReportError when it cannot be read or created, or when its file is
-    readable by others (any reader could forge reports).
+    Raises ReportError when it cannot be read or created, when its file is
+    readable by others (any reader could forge reports), or when its
+    directory is writable by others (any writer could replace the secret
+    with one they know). A directory given as the argument is the caller's
+    to name in its message; one from the environment or the default is named
+    here.
     """
-    return _load_secret(os.path.realpath(secret_dir(directory)))
+    if directory:
+        origin = ""
+    elif os.environ.get(SECRET_DIR_ENV):
+        origin = f" (the directory is ${SECRET_DIR_ENV})"
+    else:
+        origin = f" (set ${SECRET_DIR_ENV} to use another directory)"
+    return _load_secret(os.path.realpath(secret_dir(directory)), origin)
 
 
 @functools.cache
-def _load_secret(directory):
+def _load_secret(directory, origin):
     path = os.path.join(directory, SECRET_NAME)
     try:
         os.makedirs(directory, mode=0o700, exist_ok=True)
+        mode = os.stat(directory).st_mode
+    except OSError as e:
+        raise ReportError(f"{directory}: cannot create the simulated report "
+                          f"secret's directory: {e.strerror}{origin}") from None
+    if mode & 0o022:
+        raise ReportError(f"{directory}: mode {mode & 0o7777:o} lets others replace "
+                          "the report secret; expected a directory only its owner "
+                          f"can write, such as 700{origin}")
+    try:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     except FileExistsError:
         pass
     except OSError as e:
         raise ReportError(f"{path}: cannot create the simulated report secret: "
-                          f"{e.strerror} (set ${SECRET_DIR_ENV})") from None
+                          f"{e.strerror}{origin}") from None
     else:
         with os.fdopen(fd, "wb") as f:
             f.write(os.urandom(SECRET_SIZE))
     try:
         with open(path, "rb") as f:
             mode = os.fstat(f.fileno()).st_mode
-            secret = f.read()
+            secret = f.read(SECRET_SIZE + 1)
     except OSError as e:
         raise ReportError(f"{path}: cannot read the simulated report secret: "
-                          f"{e.strerror}") from None
+                          f"{e.strerror}{origin}") from None
     if mode & 0o077:
         raise ReportError(f"{path}: mode {mode & 0o777:o} lets others read the "
-                          "report secret; expected 600")
+                          f"report secret; expected 600{origin}")
     if len(secret) != SECRET_SIZE:
-        raise ReportError(f"{path}: expected {SECRET_SIZE} bytes, got {len(secret)}")
+        raise ReportError(f"{path}: expected {SECRET_SIZE} bytes, got "
+                          f"{len(secret) if len(secret) <= SECRET_SIZE else 'more'}")
     return secret
 
 

@@ -122,6 +122,25 @@ def test_a_secret_readable_by_others_is_refused(tmp_path):
         report.load_secret(directory)
 
 
+@pytest.mark.parametrize("mode", [0o777, 0o770, 0o1777])
+def test_a_secret_dir_writable_by_others_is_refused(tmp_path, mode):
+    """A writer could put a secret it knows in place of ours."""
+    directory = tmp_path / "open"
+    directory.mkdir()
+    directory.chmod(mode)
+    with pytest.raises(ReportError, match=f"mode {mode:o} lets others replace the "
+                                          "report secret"):
+        report.load_secret(directory)
+
+
+def test_a_secret_dir_from_the_environment_is_named_in_errors(tmp_path,
+                                                              monkeypatch):
+    (tmp_path / "file").write_text("")
+    monkeypatch.setenv(report.SECRET_DIR_ENV, str(tmp_path / "file" / "d"))
+    with pytest.raises(ReportError, match=r"\(the directory is \$EPM_SIM_SECRET_DIR\)"):
+        report.load_secret()
+
+
 def test_attest_prints_hex_and_json(signed, other, capsys):
     code = attest.main(["--image", str(signed), "--target", str(other),
                         "--report-data", "cafe", "--sim"])
