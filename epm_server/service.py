@@ -34,6 +34,15 @@ PICK_FILTERS = ("mrenclave", "mrsigner", "backend", "size")
 # published client gives each call 1 s, and the reply still has to travel.
 _REPLY_MARGIN = 0.1
 
+# Connections on the gRPC socket at once; grpc-core closes any past it as it
+# accepts them (GRPC_ARG_MAX_ALLOWED_INCOMING_CONNECTIONS), so a flood of idle
+# connections costs the daemon this many fds, no more. Published clients open
+# one connection per call and close it.
+MAX_CONNECTIONS = 256
+# Seconds a new connection may take to send its HTTP/2 preface: one that
+# never does gives its slot back after this.
+HANDSHAKE_TIMEOUT = 5.0
+
 # Our error codes are gRPC status numbers; this maps them to grpc's enum.
 _STATUS = {status.value[0]: status for status in grpc.StatusCode}
 
@@ -283,21 +292,27 @@ class Server:
 
 
 def serve(service, path, max_recv, max_send, uid=None, gid=None, workers=8,
-          extra=(), interceptors=()):
+          extra=(), interceptors=(), max_connections=MAX_CONNECTIONS,
+          handshake_timeout=HANDSHAKE_TIMEOUT):
     """Start a gRPC server for ``service`` on the Unix socket ``path``.
 
     Besides ``v1alpha1.EnclavePoolManager`` it serves ``grpc.health.v1``
     (SERVING for "" and each service until shutdown starts) and server
     reflection. ``extra`` holds (add_to_server function, servicer, service
-    name) for more services. Returns a started Server. Raises OSError when
-    the socket cannot be bound.
+    name) for more services. At most ``max_connections`` connections are
+    served at once; one that has not completed its HTTP/2 handshake within
+    ``handshake_timeout`` seconds is closed. Returns a started Server.
+    Raises OSError when the socket cannot be bound.
     """
     server = grpc.server(
         concurrent.futures.ThreadPoolExecutor(max_workers=workers,
                                               thread_name_prefix="grpc"),
         interceptors=list(interceptors),
         options=[("grpc.max_receive_message_length", max_recv),
-                 ("grpc.max_send_message_length", max_send)])
+                 ("grpc.max_send_message_length", max_send),
+                 ("grpc.max_allowed_incoming_connections", max_connections),
+                 ("grpc.server_handshake_timeout_ms",
+                  int(handshake_timeout * 1000))])
     pb_grpc.add_EnclavePoolManagerServicer_to_server(service, server)
     names = [SERVICE_NAME]
     for add, servicer, name in extra:

@@ -326,3 +326,58 @@ def test_an_unexpected_error_is_internal_and_logged_once():
     assert context.status[0] == grpc.StatusCode.INTERNAL
     assert context.status[1].startswith("SaveCache: internal error (KeyError)")
     assert [e["event"] for e in logs] == ["rpc_failed"]
+
+
+def raw_connections(path, count):
+    """``count`` connections that never speak HTTP/2."""
+    conns = []
+    for _ in range(count):
+        conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        conn.connect(str(path))
+        conns.append(conn)
+    return conns
+
+
+def wait_for_fds_at_most(daemon, limit, timeout=5):
+    deadline = time.monotonic() + timeout
+    while daemon.open_fds() > limit and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return daemon.open_fds()
+
+
+def test_idle_connections_on_the_grpc_socket_are_bounded(daemon, stub):
+    """The tester's flood: idle connections past the limit are closed as they
+    are accepted, so they cost the daemon no descriptor."""
+    from epm_server.service import MAX_CONNECTIONS
+
+    baseline = daemon.open_fds()
+    conns = raw_connections(daemon.grpc_socket, MAX_CONNECTIONS + 300)
+    try:
+        time.sleep(0.5)
+        assert daemon.open_fds() <= baseline + MAX_CONNECTIONS + 8
+    finally:
+        for conn in conns:
+            conn.close()
+
+    assert wait_for_fds_at_most(daemon, baseline + 8) <= baseline + 8
+    assert stub.Healthz(pb.HealthzRequest(), timeout=5).ok
+
+
+def test_a_connection_that_never_handshakes_gives_its_slot_back(tmp_path):
+    from epm_server.service import EnclavePoolService, serve
+
+    path = tmp_path / "grpc.sock"
+    server = serve(EnclavePoolService(None, None, None), str(path), 1 << 16,
+                   1 << 16, max_connections=4, handshake_timeout=0.5)
+    conns = raw_connections(path, 4)
+    try:
+        with grpc.insecure_channel(f"unix:{path}") as channel:
+            start = time.monotonic()
+            reply = pb_grpc.EnclavePoolManagerStub(channel).Healthz(
+                pb.HealthzRequest(), timeout=10, wait_for_ready=True)
+
+        assert reply.ok and time.monotonic() - start >= 0.3
+    finally:
+        for conn in conns:
+            conn.close()
+        server.stop(0).wait()
