@@ -128,7 +128,7 @@ def test_einit_refuses_wrong_q1(copy):
 
 
 @pytest.mark.parametrize("override, message", [
-    ({"attributes": 0x6}, "attributes 0x6 outside the SIGSTRUCT's"),
+    ({"attributes": 0x14}, "attributes 0x14 outside the SIGSTRUCT's"),
     ({"xfrm": 0x7}, "XFRM 0x7 outside the SIGSTRUCT's"),
 ])
 def test_einit_refuses_secs_outside_the_masks(signed, override, message):
@@ -179,6 +179,18 @@ def test_einit_refuses_a_debug_launch_of_a_product_signature(signed, copy):
     with pytest.raises(EinitError, match=r"product SIGSTRUCT \(signed with -N\) "
                                          "cannot launch a debug enclave"):
         sim.build(image, debug=True)
+    with sim.build(image) as enclave:
+        assert enclave.ecall(0) == GREETING
+
+
+def test_einit_says_why_a_debug_launch_needs_a_signature_made_with_d(signed, copy):
+    sgxsign.sign(signed / "key.pem", copy / "encl.bin", copy / "encl.ss",
+                 mmap_size=1 << 20)
+    image = load_image(copy)
+    with pytest.raises(EinitError, match="does not allow a debug launch: it was "
+                                         "signed without -D") as e:
+        sim.build(image, debug=True)
+    assert "sign with -D" in str(e.value)
     with sim.build(image) as enclave:
         assert enclave.ecall(0) == GREETING
 

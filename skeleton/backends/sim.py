@@ -136,13 +136,20 @@ def einit(image, mrenclave, attributes, xfrm, miscselect=0):
     if mrenclave != sig.enclave_hash:
         raise EinitError(f"MRENCLAVE mismatch: measured {mrenclave.hex()}, "
                          f"SIGSTRUCT has {sig.enclave_hash.hex()}")
-    # A product signature (no debug marker, DESIGN §5) enforces the debug bit
-    # as clear, so hardware refuses a debug launch in the mask check below;
-    # say why instead of reporting a bare mask mismatch.
-    if (attributes & ATTR_DEBUG and is_product(sig)
-            and sig.attributes_mask & ATTR_DEBUG and not sig.attributes & ATTR_DEBUG):
-        raise EinitError("a product SIGSTRUCT (signed with -N) cannot launch a "
-                         "debug enclave: drop the debug request or sign without -N")
+    # A signature that enforces the debug bit as clear makes hardware refuse a
+    # debug launch in the mask check below; say why instead of reporting a
+    # bare mask mismatch. A product signature (no debug marker, DESIGN §5)
+    # always does; a debug one does when signed without -D.
+    if (attributes & ATTR_DEBUG and sig.attributes_mask & ATTR_DEBUG
+            and not sig.attributes & ATTR_DEBUG):
+        if is_product(sig):
+            raise EinitError("a product SIGSTRUCT (signed with -N) cannot launch a "
+                             "debug enclave: drop the debug request or sign "
+                             "without -N")
+        raise EinitError("this SIGSTRUCT does not allow a debug launch: it was "
+                         "signed without -D, so its attributes require the debug "
+                         "bit clear; drop the debug request (the PAL argument "
+                         "`debug`) or sign with -D")
     for name, secs, signed, mask in (
             ("attributes", attributes, sig.attributes, sig.attributes_mask),
             ("XFRM", xfrm, sig.xfrm, sig.xfrm_mask),
