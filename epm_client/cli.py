@@ -200,17 +200,26 @@ def prewarm(socket_path, subtype, count, as_json):
                  else admin.set_prewarm(subtype, count))
     found = [{"subtype": p.subtype, "target": p.target, "available": p.available,
               "building": p.building, "recycle": p.recycle,
-              "backend": p.backend, "image": p.image} for p in pools]
+              "backend": p.backend, "image": p.image, "failures": p.failures,
+              "last_error": p.last_error or None,
+              "last_error_time": p.last_error_time or None} for p in pools]
     if as_json:
         click.echo(json.dumps(found, indent=2))
         return
-    rows = [("SUBTYPE", "TARGET", "AVAILABLE", "BUILDING", "RECYCLE", "BACKEND",
-             "IMAGE")]
+    rows = [("SUBTYPE", "TARGET", "AVAILABLE", "BUILDING", "STATE", "RECYCLE",
+             "BACKEND", "IMAGE")]
     for p in found:
         rows.append((p["subtype"], str(p["target"]), str(p["available"]),
-                     str(p["building"]), "yes" if p["recycle"] else "no",
-                     p["backend"], p["image"]))
+                     str(p["building"]), "failing" if p["failures"] else "ok",
+                     "yes" if p["recycle"] else "no", p["backend"], p["image"]))
     _table(rows)
+    # A failing pool says why under the table: its builds are retried every
+    # few seconds, and the reason is otherwise only in the daemon's log.
+    for p in found:
+        if p["failures"]:
+            click.echo(f"{p['subtype']}: {_count(p['failures'], 'build')} failed, "
+                       f"the last at {_time(p['last_error_time'])}: "
+                       f"{p['last_error']}")
 
 
 def _table(rows):

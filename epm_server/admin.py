@@ -55,11 +55,13 @@ class AdminService(pb_grpc.AdminServicer):
 
     def _targets(self):
         reply = pb.PrewarmResponse()
-        for spec, target, available, building in self._prewarmer.targets():
-            reply.pools.add(subtype=spec.subtype, image=spec.image,
-                            backend=spec.backend, target=target,
-                            available=available, building=building,
-                            recycle=spec.recycle)
+        for t in self._prewarmer.targets():
+            reply.pools.add(subtype=t.spec.subtype, image=t.spec.image,
+                            backend=t.spec.backend, target=t.target,
+                            available=t.available, building=t.building,
+                            recycle=t.spec.recycle, failures=t.failures,
+                            last_error=t.last_error,
+                            last_error_time=t.last_error_at)
         return reply
 
 

@@ -23,7 +23,6 @@ import structlog
 
 from epm_server import config, log, metrics
 from epm_server.bundle import BundleCaches
-from epm_server.enclave import Identity
 from epm_server.errors import ConfigError
 from epm_server.fdstore import FdStore
 from epm_server.handoff import HandoffServer
@@ -31,7 +30,7 @@ from epm_server.ids import is_id
 from epm_server.legacy import LegacyHandoff
 from epm_server.peers import PeerPolicy
 from epm_server.pool import Pool
-from epm_server.prewarm import Prewarmer
+from epm_server.prewarm import Prewarmer, load_verified
 from epm_server.admin import extra_service
 from epm_server.reaper import OwnerReaper
 from epm_server.reconcile import reconcile
@@ -72,50 +71,54 @@ def main(argv=None):
         print(f"epm: {e}", file=sys.stderr)
         return 2
     try:
-        not_recycled = _not_recycled(cfg.prewarm)
+        not_recycled, images = _check_prewarm_images(cfg.prewarm)
     except ConfigError as e:
         # Named like the config's own errors: the file, then the key.
         print(f"epm: {args.config or config.DEFAULT_PATH}: {e}", file=sys.stderr)
         return 2
     log.configure(args.log_level)
     try:
-        return run(cfg, not_recycled)
+        return run(cfg, not_recycled, images)
     except (StartupError, OSError, RuntimeError) as e:
         print(f"epm: {e}", file=sys.stderr)
         return 1
 
 
-def _not_recycled(prewarm):
-    """(subtype, identity) of each pre-warmed image whose pool does not recycle.
+def _check_prewarm_images(prewarm):
+    """Read and check each pre-warmed image, as ``prewarm.load_verified`` does.
 
-    Other images of the same subtype (the skeleton's sizes share one) still
-    recycle. Reads each image; raises ConfigError naming the table whose
-    image cannot be read, so a mistyped path stops the daemon at start.
+    Returns (not_recycled, images): the (subtype, identity) pairs whose pool
+    does not recycle (other images of the same subtype, such as the
+    skeleton's other sizes, still do), and subtype -> (image, identity) for
+    the Prewarmer. Raises ConfigError naming the table whose image cannot be
+    read, or whose SIGSTRUCT does not verify or match it: a daemon that
+    started would only log a failed build every few seconds.
     """
     if not prewarm:
-        return []
+        return [], {}
     # Imported here: a daemon without [[prewarm]] never loads the skeleton.
-    from skeleton.errors import SkeletonError
-    from skeleton.image import load_image
-    found = []
+    from skeleton.errors import ImageError, SkeletonError
+    not_recycled, images = [], {}
     for i, spec in enumerate(prewarm):
         try:
-            ident = load_image(spec.image).identity(spec.backend)
-        except SkeletonError as e:
+            image, identity = load_verified(spec)
+        except ImageError as e:
+            # It names the file already.
             raise ConfigError(f"prewarm[{i}].image: {e}") from None
+        except SkeletonError as e:
+            raise ConfigError(f"prewarm[{i}].image: {spec.image}: {e}") from None
+        images[spec.subtype] = (image, identity)
         if not spec.recycle:
-            found.append((spec.subtype, Identity(
-                mrenclave=bytes(ident.mrenclave), mrsigner=bytes(ident.mrsigner),
-                attributes=ident.attributes, xfrm=ident.xfrm, size=ident.size,
-                backend=ident.backend)))
-    return found
+            not_recycled.append((spec.subtype, identity))
+    return not_recycled, images
 
 
-def run(cfg, not_recycled=()):
+def run(cfg, not_recycled=(), images=None):
     """Serve until SIGTERM or SIGINT; return 0. Raises StartupError, OSError.
 
     ``not_recycled`` lists the (subtype, identity) pairs whose returned
-    enclaves are closed instead of pooled again.
+    enclaves are closed instead of pooled again; ``images`` holds the
+    pre-warmed images read at start (see ``_check_prewarm_images``).
     """
     # The handler only appends: it runs in the main thread between bytecodes,
     # and one that took a lock (threading.Event.set does) could deadlock on
@@ -147,7 +150,7 @@ def run(cfg, not_recycled=()):
     fdstore = FdStore(pool, os.path.join(cfg.root, "fdstore"))
     fdstore.start()
     fdstore.adopt(systemd.listen_fds())
-    prewarmer = Prewarmer(pool, cfg.prewarm)
+    prewarmer = Prewarmer(pool, cfg.prewarm, images=images)
     pool.on_hand_out(prewarmer.wake)
     policy = PeerPolicy(cfg.allowed_uids, cfg.allowed_gids, cfg.gid)
     legacy = LegacyHandoff(pool, cfg.socket_dir, policy,

@@ -2,8 +2,10 @@
 
 import json
 import os
+import re
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -179,9 +181,9 @@ def test_prewarm_shows_and_sets_targets(make_daemon, images):
     shown = epmctl(daemon.grpc_socket, "prewarm")
     assert shown.returncode == 0, shown.stderr
     header, row = shown.stdout.splitlines()
-    assert header.split()[:5] == ["SUBTYPE", "TARGET", "AVAILABLE", "BUILDING",
-                                  "RECYCLE"]
-    assert row.split()[:2] == ["warm", "0"]
+    assert header.split()[:6] == ["SUBTYPE", "TARGET", "AVAILABLE", "BUILDING",
+                                  "STATE", "RECYCLE"]
+    assert row.split()[:5] == ["warm", "0", "0", "0", "ok"]
 
     changed = epmctl(daemon.grpc_socket, "prewarm", "warm", "1", "--json")
     assert json.loads(changed.stdout)[0]["target"] == 1
@@ -189,6 +191,29 @@ def test_prewarm_shows_and_sets_targets(make_daemon, images):
     unknown = epmctl(daemon.grpc_socket, "prewarm", "cold", "1")
     assert unknown.returncode == 1
     assert unknown.stderr.startswith("epmctl: subtype 'cold' has no")
+
+
+def test_prewarm_shows_why_builds_fail(make_daemon, images):
+    """No enclave device here: every sgx build fails, and epmctl says why."""
+    daemon = make_daemon(f'[[prewarm]]\nimage = "{images / "8"}"\n'
+                         'subtype = "warm"\nbackend = "sgx"\ncount = 2\n')
+    deadline = time.monotonic() + 30
+    while not daemon.events("prewarm_build_failed"):
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    reason = daemon.events("prewarm_build_failed")[0]["reason"]
+
+    shown = epmctl(daemon.grpc_socket, "prewarm")
+    as_json = json.loads(epmctl(daemon.grpc_socket, "prewarm", "--json").stdout)
+
+    assert shown.returncode == 0, shown.stderr
+    header, row, why = shown.stdout.splitlines()
+    assert row.split()[:5] == ["warm", "2", "0", "0", "failing"]
+    assert re.match("warm: [0-9]+ builds? failed, the last at 20", why)
+    assert why.endswith(f": {reason}")
+    [pool] = as_json
+    assert pool["failures"] >= 1 and pool["last_error"] == reason
+    assert abs(pool["last_error_time"] - time.time()) < 60
 
 
 def test_usage_errors_exit_2(daemon):
