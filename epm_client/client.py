@@ -125,17 +125,20 @@ class Client:
         return CheckedOut(fd=fds[0], layout=reply.enclave.layout,
                           identity=identity, pool_id=reply.id)
 
-    def check_in(self, fd, subtype, layout, identity):
+    def check_in(self, fd, subtype, layout, identity, available=False):
         """Hand ``fd`` to the pool, held for this process; return its ID.
 
         The caller keeps its own copy of ``fd`` and may go on using the
-        enclave; ``save_final`` makes it available to others.
+        enclave; ``save_final`` makes it available to others. With
+        ``available`` the daemon does that at once, in the same round trip:
+        for a caller done with the enclave, which should then close its copy
+        of ``fd`` and must not save it final.
         """
-        key = ("in", subtype, tuple(layout), identity)
+        key = ("in", subtype, tuple(layout), identity, available)
         request = self._encoded.get(key)
         if request is None:
-            request = self._remember(
-                key, wire.check_in_request(subtype, layout, identity))
+            request = self._remember(key, wire.check_in_request(
+                subtype, layout, identity, available))
         reply, fds = self._round_trip(request, fd=fd)
         framing.close_all(fds)
         if not reply.id:

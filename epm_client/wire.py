@@ -33,9 +33,10 @@ def check_out_request(subtype, identity, hold=False):
     return _message(1, body)
 
 
-def check_in_request(subtype, layout, identity):
-    """A serialized HandoffRequest{check_in: {subtype, enclave}}."""
-    body = _string(1, subtype) + _message(2, enclave_bytes(layout, identity))
+def check_in_request(subtype, layout, identity, available=False):
+    """A serialized HandoffRequest{check_in: {subtype, enclave, available}}."""
+    body = (_string(1, subtype) + _message(2, enclave_bytes(layout, identity))
+            + _uint(3, available))
     return _message(2, body)
 
 

@@ -46,6 +46,8 @@ from epm_server.sockets import listen_unix, unlink_socket
 log = structlog.get_logger(__name__)
 
 _OK = 0
+# A check-out's reply when the pool has no matching enclave.
+_NO_ENCLAVE = handoff_pb2.HandoffReply(code=_OK).SerializeToString()
 _INVALID_ARGUMENT = InvalidArgument.code
 _RESOURCE_EXHAUSTED = 8
 # Seconds to wait before accepting again after accept() failed (EMFILE).
@@ -62,6 +64,10 @@ _WRITING = select.EPOLLOUT
 # freed, that is when the client read it.
 _DELIVERING = (select.EPOLLIN | select.EPOLLOUT | select.EPOLLRDHUP
                | select.EPOLLET)
+# Validated check-ins and check-outs kept by their bytes: a runtime sends the
+# same request again and again, and its parse and checks cost more than the
+# pool's own work.
+_KNOWN_REQUESTS = 64
 # Seconds the loop looks for the next request without sleeping, after it
 # served one. Waking a sleeping thread on this 2-core VM costs more than a
 # round trip's own work: a client's next request (save final after check-in,
@@ -99,6 +105,23 @@ class _Connection:
         self.mask = _READING  # what the loop's epoll waits for
 
 
+class _Request:
+    """A check-in or check-out whose fields passed validation.
+
+    ``flag`` is the check-out's ``hold``, or the check-in's ``available``;
+    ``layout`` is None for a check-out.
+    """
+
+    __slots__ = ("kind", "subtype", "identity", "layout", "flag")
+
+    def __init__(self, kind, subtype, identity, layout, flag):
+        self.kind = kind
+        self.subtype = subtype
+        self.identity = identity
+        self.layout = layout
+        self.flag = flag
+
+
 class HandoffServer:
     """Serves the hand-off protocol on a Unix socket from one event loop."""
 
@@ -128,6 +151,8 @@ class HandoffServer:
         # (layout, identity) -> a serialized HandoffReply holding only the
         # enclave: a check-out reply is its ID's bytes followed by these.
         self._enclave_replies = {}
+        # Request bytes -> _Request, for check-ins and check-outs.
+        self._known = {}
 
     def start(self):
         """Listen on the socket path and start serving. Raises OSError."""
@@ -426,33 +451,42 @@ class HandoffServer:
         observed by operation (a check-out's settlement comes later).
         """
         started = time.perf_counter()
-        try:
-            request = handoff_pb2.HandoffRequest.FromString(payload)
-        except DecodeError:
-            framing.close_all(fds)
-            self._refuse_frame(conn, "request is not a HandoffRequest")
-            return False
-        kind = request.WhichOneof("request")
-        if kind == "check_out" and not fds:
-            served = self._check_out(conn, request.check_out)
+        request = self._known.get(payload)
+        if request is not None:
+            kind = request.kind
         else:
-            served = self._answer(conn, request, kind, fds)
+            try:
+                message = handoff_pb2.HandoffRequest.FromString(payload)
+            except DecodeError:
+                framing.close_all(fds)
+                self._refuse_frame(conn, "request is not a HandoffRequest")
+                return False
+            kind = message.WhichOneof("request")
+            # The set field's message: validated by the request's handler.
+            request = getattr(message, kind) if kind is not None else None
+        if kind == "check_out" and not fds:
+            served = self._check_out(conn, payload, request)
+        else:
+            served = self._answer(conn, payload, request, kind, fds)
         if kind is not None:
             metrics.handoff_duration(kind, time.perf_counter() - started)
         return served
 
-    def _answer(self, conn, request, kind, fds):
-        """Answer a request other than a check-out; False to close."""
+    def _answer(self, conn, payload, request, kind, fds):
+        """Answer a request other than a check-out; False to close.
+
+        ``request`` is the message of the request's kind, or its _Request.
+        """
         peer = conn.peer
         try:
             if kind == "check_in":
-                reply = self._check_in(request.check_in, fds, peer)
+                reply = self._check_in(payload, request, fds, peer)
             else:
                 framing.close_all(fds)
                 if fds:
                     raise InvalidArgument(f"{kind}: carries no fd, got {len(fds)}")
                 if kind == "save_final":
-                    reply = self._save_final(request.save_final, peer)
+                    reply = self._save_final(request, peer)
                 else:
                     raise InvalidArgument("request: none of check_out, check_in, "
                                           "save_final is set")
@@ -581,50 +615,74 @@ class HandoffServer:
 
     # -- requests -------------------------------------------------------------
 
-    def _check_in(self, msg, fds, peer):
-        """Validate and pool the one fd of a check-in; closes it on failure."""
+    def _check_in(self, payload, msg, fds, peer):
+        """Validate and pool the one fd of a check-in; closes it on failure.
+
+        The entry is held by ``peer``, its pid watched, or with ``available``
+        saved final at once.
+        """
         try:
             if len(fds) != 1:
                 raise InvalidArgument(
                     f"check_in: expected exactly one fd, got {len(fds)}")
-            subtype = subtype_from_request(msg.subtype, "check_in.subtype")
-            if not msg.enclave.HasField("identity"):
-                raise InvalidArgument("check_in.enclave.identity: required")
-            identity = identity_from_proto(msg.enclave.identity,
-                                           "check_in.enclave.identity")
-            layout = layout_from_proto(msg.enclave, "check_in.enclave")
-            check_layout_fits(layout, identity.size, "check_in.enclave.layout")
-            fdcheck.check_enclave_fd(fds[0], identity)
-            entry_id = self._pool.check_in(subtype, identity, layout, fds[0],
-                                           Owner(pid=peer.pid, uid=peer.uid))
+            request = self._validated(payload, "check_in", msg)
+            fdcheck.check_enclave_fd(fds[0], request.identity)
+            entry_id = self._pool.check_in(
+                request.subtype, request.identity, request.layout, fds[0],
+                Owner(pid=peer.pid, uid=peer.uid), available=request.flag)
         except BaseException:
             framing.close_all(fds)
             raise
-        self._reaper.watch(entry_id, peer.pid)
+        if not request.flag:
+            self._reaper.watch(entry_id, peer.pid)
         return handoff_pb2.HandoffReply(code=_OK, id=entry_id)
 
     def _save_final(self, msg, peer):
         self._pool.save_final(msg.id, uid=peer.uid, discard=msg.discard)
         return handoff_pb2.HandoffReply(code=_OK, id=msg.id)
 
-    def _check_out(self, conn, msg):
+    def _check_out(self, conn, payload, msg):
         try:
-            subtype = subtype_from_request(msg.subtype, "check_out.subtype")
-            if not msg.HasField("identity"):
-                raise InvalidArgument("check_out.identity: required")
-            identity = identity_from_proto(msg.identity, "check_out.identity")
+            request = self._validated(payload, "check_out", msg)
         except EpmError as e:
             metrics.refusal(e)
             reply = handoff_pb2.HandoffReply(code=e.code, message=str(e))
             return self._send(conn, reply.SerializeToString())
-        entry = self._pool.lease(subtype, identity)
+        entry = self._pool.lease(request.subtype, request.identity)
         if entry is None:
-            return self._send(conn, handoff_pb2.HandoffReply(
-                code=_OK).SerializeToString())
+            return self._send(conn, _NO_ENCLAVE)
         reply = (handoff_pb2.HandoffReply(code=_OK, id=entry.id).SerializeToString()
                  + self._enclave_reply(entry))
         return self._send(conn, reply, fd=entry.fd, lease=entry.id,
-                          hold=msg.hold)
+                          hold=request.flag)
+
+    def _validated(self, payload, kind, msg):
+        """The _Request of a check-in or check-out; raises InvalidArgument.
+
+        ``msg`` is the request's CheckIn or CheckOut, or its _Request when
+        the same bytes passed before. Validation depends on the bytes alone,
+        so its result is kept by them.
+        """
+        if isinstance(msg, _Request):
+            return msg
+        subtype = subtype_from_request(msg.subtype, f"{kind}.subtype")
+        if kind == "check_out":
+            if not msg.HasField("identity"):
+                raise InvalidArgument("check_out.identity: required")
+            identity = identity_from_proto(msg.identity, "check_out.identity")
+            request = _Request(kind, subtype, identity, None, msg.hold)
+        else:
+            if not msg.enclave.HasField("identity"):
+                raise InvalidArgument("check_in.enclave.identity: required")
+            identity = identity_from_proto(msg.enclave.identity,
+                                           "check_in.enclave.identity")
+            layout = layout_from_proto(msg.enclave, "check_in.enclave")
+            check_layout_fits(layout, identity.size, "check_in.enclave.layout")
+            request = _Request(kind, subtype, identity, layout, msg.available)
+        if len(self._known) >= _KNOWN_REQUESTS:
+            self._known.clear()
+        self._known[payload] = request
+        return request
 
     def _enclave_reply(self, entry):
         # Protobuf merges concatenated messages, so the enclave's part is

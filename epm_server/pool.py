@@ -3,6 +3,8 @@
 An entry's life (DESIGN section 4)::
 
     pending --receive_fd--> held --save_final--> available --lease--> leased
+    (none) --check_in--> held            (with available, save_final follows
+                                          under the same lock)
     leased --hand_out--> handed out      (the daemon closed its copy)
     leased --release--> available        (the hand-off failed)
     leased --hold--> held                (check-out with hold: the client
@@ -152,15 +154,18 @@ class Pool:
             return self._find(entry_id)
 
     def check_in(self, subtype, identity, layout, fd, owner, entry_id=None,
-                 origin="handoff"):
+                 origin="handoff", available=False):
         """Add a held entry that owns ``fd``; return its ID.
 
-        The pool owns ``fd`` only when this returns; on an error the caller
-        still does. Raises AlreadyExists (the ID, or ``fd``'s file, is in the
-        pool already), ResourceExhausted, Unavailable.
+        With ``available`` the entry is saved final in the same step, as
+        ``save_final`` would (made available, or closed where its subtype and
+        identity are not recycled): its owner is done with it. The pool owns
+        ``fd`` only when this returns; on an error the caller still does.
+        Raises AlreadyExists (the ID, or ``fd``'s file, is in the pool
+        already), ResourceExhausted, Unavailable.
         """
         return self._add(entry_id, subtype, identity, layout, fd, State.HELD,
-                         owner, origin)
+                         owner, origin, save_final=available)
 
     def adopt(self, entry_id, subtype, identity, layout, fd, created, origin):
         """Add an available entry that an earlier daemon pooled; return its ID.
@@ -224,13 +229,16 @@ class Pool:
                 log.info("enclave_discarded_by_owner", id=entry_id,
                          subtype=entry.subtype)
                 return
-            if ((entry.subtype, entry.identity) in self._no_recycle
-                    and entry.origin != "prewarm"):
-                self._transition(entry_id, "retire")
-                log.info("enclave_not_recycled", id=entry_id,
-                         subtype=entry.subtype)
-                return
-            self._transition(entry_id, "save_final")
+            self._save_final(entry)
+
+    def _save_final(self, entry):
+        """Make a held entry available, or retire it if it is not recycled."""
+        if ((entry.subtype, entry.identity) in self._no_recycle
+                and entry.origin != "prewarm"):
+            self._transition(entry.id, "retire")
+            log.info("enclave_not_recycled", id=entry.id, subtype=entry.subtype)
+            return
+        self._transition(entry.id, "save_final")
 
     def lease(self, subtype, identity):
         """Lease the oldest available entry matching subtype and identity.
@@ -351,7 +359,7 @@ class Pool:
         log.debug("pool_closed", closed=len(entries))
 
     def _add(self, entry_id, subtype, identity, layout, fd, state, owner, origin,
-             created=None):
+             created=None, save_final=False):
         with self._lock:
             if self._closed:
                 raise Unavailable("the daemon is shutting down")
@@ -376,6 +384,8 @@ class Pool:
                 self._files.setdefault(key[:2], set()).add(entry_id)
             for callback in self._observers:
                 callback(None, entry)
+            if save_final:
+                self._save_final(entry)
         log.debug("enclave_state", state=state.value, id=entry_id, subtype=subtype)
         return entry_id
 

@@ -177,3 +177,20 @@ def test_save_final_with_discard_removes_the_held_enclave(daemon):
         os.close(got.fd)
         client.save_final(got.pool_id, discard=True)
         assert client.list() == []
+
+
+def test_check_in_available_needs_no_save_final(daemon):
+    with Client(daemon.grpc_socket) as client:
+        fd = sealed_memfd(b"ready")
+        try:
+            pool_id = client.check_in(fd, "skeleton-0.0.0", LAYOUT, identity(),
+                                      available=True)
+        finally:
+            os.close(fd)
+        assert [(e.id, e.state) for e in client.list()] == [(pool_id, "available")]
+
+        got = client.check_out("skeleton-0.0.0", identity())
+        try:
+            assert os.pread(got.fd, 5, 0) == b"ready"
+        finally:
+            os.close(got.fd)

@@ -599,3 +599,59 @@ def test_a_former_holders_death_spares_the_next_holder(daemon):
     assert client.save_final(entry_id).code == 0
     framing.close_all(fds)
     client.close()
+
+
+def check_in_available(client, fd):
+    reply, _ = client.call(hpb.HandoffRequest(check_in=hpb.CheckIn(
+        subtype="skeleton-0.0.0", enclave=enclave(), available=True)), fd=fd)
+    return reply
+
+
+def test_check_in_with_available_is_checked_out_at_once(daemon):
+    client = Client(daemon.handoff_socket)
+    fd = sealed_memfd()
+
+    checked_in = check_in_available(client, fd)
+    os.close(fd)
+    reply, fds = client.check_out()
+
+    assert checked_in.code == 0 and checked_in.id
+    assert reply.id == checked_in.id and len(fds) == 1
+    assert os.pread(fds[0], len(CONTENT), 0) == CONTENT
+    framing.close_all(fds)
+    client.close()
+
+
+def test_check_in_with_available_outlives_its_owner(daemon):
+    """Nothing is held, so the owner's death discards nothing."""
+    child = subprocess.run(
+        [sys.executable, "-c", CHECK_IN_CHILD.replace(
+            "enclave=enclave))", "enclave=enclave, available=True))"),
+         str(daemon.handoff_socket)],
+        capture_output=True, text=True, timeout=30, cwd=os.getcwd())
+    assert child.returncode == 0, child.stderr
+    entry_id = child.stdout.strip()
+
+    time.sleep(1.0)  # two of the reaper's ticks
+
+    assert entry_state(daemon, entry_id) == "available"
+
+
+def test_the_same_check_in_bytes_still_check_each_fd(daemon):
+    """Validated requests are kept by their bytes; their fds never are."""
+    client = Client(daemon.handoff_socket)
+    good, pipe = sealed_memfd(), _pipe()
+
+    first = client.check_in(good)
+    second = client.check_in(pipe)
+    third = client.check_in(good)
+    none, _ = client.call(hpb.HandoffRequest(check_in=hpb.CheckIn(
+        subtype="skeleton-0.0.0", enclave=enclave())))
+
+    os.close(good)
+    os.close(pipe)
+    assert first.code == 0
+    assert second.code == 3 and "pipe" in second.message
+    assert third.code == 6 and "same open file" in third.message
+    assert none.code == 3 and "got 0" in none.message
+    client.close()

@@ -244,3 +244,29 @@ def test_discard_for_an_owner_spares_a_later_holder():
     with pytest.raises(NotFound):
         pool.get(entry_id)
     pool.close()
+
+
+def test_check_in_available_is_saved_final_in_one_step():
+    pool = Pool(10, 10)
+    seen = []
+    pool.on_transition(lambda before, after: seen.append(after.state))
+
+    entry_id = pool.check_in("skeleton", IDENTITY, LAYOUT, new_fd(), OWNER,
+                             available=True)
+
+    assert pool.get(entry_id).state is State.AVAILABLE
+    assert seen == [State.HELD, State.AVAILABLE]
+    pool.close()
+
+
+def test_check_in_available_of_a_subtype_not_recycled_is_closed():
+    pool = Pool(10, 10, no_recycle=[("skeleton", IDENTITY)])
+    fd = new_fd()
+
+    entry_id = pool.check_in("skeleton", IDENTITY, LAYOUT, fd, OWNER,
+                             available=True)
+
+    assert not fd_is_open(fd)
+    with pytest.raises(NotFound):
+        pool.get(entry_id)
+    pool.close()

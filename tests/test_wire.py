@@ -88,3 +88,12 @@ def test_save_final_request_with_discard_parses_as_the_stubs_build_it(discard):
         wire.save_final_request("abc", discard=discard))
     assert got == hpb.HandoffRequest(
         save_final=hpb.SaveFinal(id="abc", discard=discard))
+
+
+@pytest.mark.parametrize("available", [False, True])
+def test_check_in_request_with_available_parses_as_the_stubs_build_it(available):
+    got = hpb.HandoffRequest.FromString(
+        wire.check_in_request("sk-1", LAYOUT, IDENTITY, available=available))
+    assert got == hpb.HandoffRequest(check_in=hpb.CheckIn(
+        subtype="sk-1", enclave=enclave_to_proto(LAYOUT, IDENTITY),
+        available=available))
