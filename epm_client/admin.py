@@ -1,14 +1,16 @@
-"""Administration calls for epmctl: health, pool statistics, pre-warm targets.
+"""Administration calls for epmctl: health, pool statistics, pre-warm
+targets, bundle caches.
 
-They go over the daemon's gRPC socket: ``grpc.health.v1`` and our own
-``epm.admin.v1.Admin`` (``proto/epm_api/admin.proto``). Failures raise the
-same exceptions as ``epm_client.Client``.
+They go over the daemon's gRPC socket: ``grpc.health.v1``, our own
+``epm.admin.v1.Admin`` (``proto/epm_api/admin.proto``) and, for bundle
+caches, ``v1alpha1``'s ListCache. Failures raise the same exceptions as
+``epm_client.Client``.
 """
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from epm_api import admin_pb2, admin_pb2_grpc
+from epm_api import admin_pb2, admin_pb2_grpc, v1alpha1_pb2, v1alpha1_pb2_grpc
 from epm_client import errors
 from epm_client.client import RPC_TIMEOUT_S, default_socket, probe_socket
 
@@ -54,6 +56,22 @@ class AdminClient:
         stub = admin_pb2_grpc.AdminStub(self._connect())
         reply = self._call(stub.Flush, admin_pb2.FlushRequest(subtype=subtype))
         return reply.deleted, reply.kept
+
+    def caches(self, pool_type, subtype="", page=500):
+        """Every bundle cache of ``pool_type`` (of ``subtype`` when given), by
+        ID: ``v1alpha1.Cache`` messages, with their size, parent and path.
+
+        ``Client.list`` reports enclaves, and a cache is none.
+        """
+        stub = v1alpha1_pb2_grpc.EnclavePoolManagerStub(self._connect())
+        caches, last = [], ""
+        while True:
+            reply = self._call(stub.ListCache, v1alpha1_pb2.ListCacheRequest(
+                type=pool_type, subType=subtype, lastCacheID=last, limit=page))
+            caches.extend(reply.caches)
+            if len(reply.caches) < page:
+                return caches
+            last = reply.caches[-1].ID
 
     def close(self):
         if self._channel is not None:

@@ -5,13 +5,17 @@ Every failure is one line on stderr and a non-zero exit status (see
 """
 
 import datetime
+import functools
 import json
+import os
+import socket
+import stat
 import sys
 
 import click
 
 from epm_client import errors
-from epm_client.client import DEFAULT_SOCKET, Client
+from epm_client.client import DEFAULT_SOCKET, HANDOFF_SOCKET_NAME, Client
 from epm_client.types import ENCLAVE_POOL
 
 EXIT_OK = 0
@@ -70,6 +74,56 @@ def cli(ctx, socket_path):
     ctx.obj = socket_path
 
 
+def _reaching(command):
+    """Word a DaemonUnavailable of ``command`` for what ``--socket`` names."""
+
+    @functools.wraps(command)
+    def run(socket_path, *args, **kwargs):
+        try:
+            return command(socket_path, *args, **kwargs)
+        except errors.DaemonUnavailable as e:
+            raise errors.DaemonUnavailable(_unreachable(socket_path, e)) from None
+
+    return run
+
+
+def _unreachable(path, error):
+    """Why ``path`` did not answer as epm's gRPC socket, or ``error``'s words.
+
+    A connect to a file or a directory is refused like a connect to a
+    socket that nobody listens on; and gRPC reports a socket that accepts
+    but does not speak HTTP/2 (epm's own hand-off socket) in its own terms.
+    """
+    hint = ("--socket (or $EPM_SOCKET) names the daemon's gRPC socket, "
+            f"{DEFAULT_SOCKET} by default")
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        return str(error)
+    if stat.S_ISDIR(mode):
+        return f"{path} is a directory, not a socket: {hint}"
+    if not stat.S_ISSOCK(mode):
+        return f"{path} is not a socket: {hint}"
+    if os.path.basename(path) == HANDOFF_SOCKET_NAME:
+        beside = os.path.join(os.path.dirname(path), "epm.sock")
+        return (f"{path} is epm's hand-off socket, not its gRPC socket; the "
+                f"gRPC socket is {beside} unless the config moved it")
+    if "HTTP/2" in str(error) and _accepts(path):
+        return (f"{path} accepts connections but does not speak gRPC: it is not "
+                f"epm's gRPC socket (the hand-off socket is not); {hint}")
+    return str(error)
+
+
+def _accepts(path):
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+        probe.settimeout(1.0)
+        try:
+            probe.connect(path)
+        except OSError:
+            return False
+    return True
+
+
 @cli.command("list")
 @click.option("--type", "pool_type", default=ENCLAVE_POOL, show_default=True,
               help="The pool type.")
@@ -78,8 +132,14 @@ def cli(ctx, socket_path):
               help="Only enclaves in this state (repeatable).")
 @click.option("--json", "as_json", is_flag=True, help="A JSON array, not a table.")
 @click.pass_obj
+@_reaching
 def list_(socket_path, pool_type, subtype, states, as_json):
     """Show pooled enclaves (or bundle caches)."""
+    if pool_type != ENCLAVE_POOL:
+        if states:
+            raise click.UsageError("--state: bundle caches have no state")
+        _list_caches(socket_path, pool_type, subtype, as_json)
+        return
     with Client(socket_path) as client:
         entries = client.list(subtype, pool_type)
     if states:
@@ -100,6 +160,27 @@ def list_(socket_path, pool_type, subtype, states, as_json):
     click.echo(_count(len(entries), "enclave"))
 
 
+def _list_caches(socket_path, pool_type, subtype, as_json):
+    from epm_client.admin import AdminClient
+    with AdminClient(socket_path) as admin:
+        caches = admin.caches(pool_type, subtype)
+    found = [{"id": c.ID, "type": c.type, "subtype": c.subType, "size": c.size,
+              "parent": ({"type": c.parent.type, "id": c.parent.ID}
+                         if c.HasField("parent") and c.parent.ID else None),
+              "save_path": c.savePath, "created": c.created} for c in caches]
+    if as_json:
+        click.echo(json.dumps(found, indent=2))
+        return
+    rows = [("ID", "SUBTYPE", "SIZE", "PARENT", "CREATED")]
+    for c in found:
+        parent = c["parent"]
+        rows.append((c["id"], c["subtype"], _size(c["size"]),
+                     f"{parent['type']}/{parent['id']}" if parent else "-",
+                     _time(c["created"])))
+    _table(rows)
+    click.echo(_count(len(found), "cache"))
+
+
 @cli.command()
 @click.argument("subtype", default="")
 @click.option("--type", "pool_type", default=ENCLAVE_POOL, show_default=True,
@@ -107,12 +188,17 @@ def list_(socket_path, pool_type, subtype, states, as_json):
 @click.option("--yes", "-y", is_flag=True,
               help="Empty every subtype without asking.")
 @click.pass_obj
+@_reaching
 def flush(socket_path, subtype, pool_type, yes):
     """Close every available enclave (of SUBTYPE only, when given).
 
-    Emptying every subtype asks first, unless --yes; a subtype's flush
-    does not ask.
+    With a bundle cache --type, delete its caches instead; a cache with
+    child caches is kept. Emptying every subtype asks first, unless --yes;
+    a subtype's flush does not ask.
     """
+    if pool_type != ENCLAVE_POOL:
+        _flush_caches(socket_path, pool_type, subtype, yes)
+        return
     with Client(socket_path) as client:
         if not subtype and not yes:
             # Ask the daemon first: an unreachable daemon is told at once,
@@ -122,21 +208,48 @@ def flush(socket_path, subtype, pool_type, yes):
             if not click.confirm(f"Close {_count(count, 'available enclave')} "
                                  "of every subtype?", err=True):
                 raise _Abort("flush not confirmed; nothing closed")
-        if pool_type == ENCLAVE_POOL:
-            # One call for the whole pool, not a round trip per enclave.
-            from epm_client.admin import AdminClient
-            with AdminClient(socket_path) as admin:
-                deleted, kept = admin.flush(subtype)
-        else:
-            deleted, kept = client.flush(subtype, pool_type)
+        # One call for the whole pool, not a round trip per enclave.
+        from epm_client.admin import AdminClient
+        with AdminClient(socket_path) as admin:
+            deleted, kept = admin.flush(subtype)
     where = f" of subtype {subtype}" if subtype else ""
     click.echo(f"flushed {_count(deleted, 'enclave')}{where}"
                + (f"; {kept} in use kept" if kept else ""))
 
 
+def _flush_caches(socket_path, pool_type, subtype, yes):
+    """Delete the bundle caches of ``pool_type``, those that can go.
+
+    A cache is never in use the way an enclave is (LoadCache copies it),
+    but one with child caches holds their data in its directory: the daemon
+    refuses to delete it, and it is counted as kept.
+    """
+    from epm_client.admin import AdminClient
+    with AdminClient(socket_path) as admin:
+        caches = admin.caches(pool_type, subtype)
+    if not subtype and not yes:
+        if not click.confirm(f"Delete {_count(len(caches), 'cache')} of type "
+                             f"{pool_type}, every subtype?", err=True):
+            raise _Abort("flush not confirmed; nothing deleted")
+    deleted = kept = 0
+    with Client(socket_path) as client:
+        for cache in caches:
+            try:
+                client.delete(cache.ID, cache.subType, pool_type)
+                deleted += 1
+            except errors.NotFound:
+                pass
+            except errors.FailedPrecondition:
+                kept += 1
+    where = f" of subtype {subtype}" if subtype else ""
+    click.echo(f"deleted {_count(deleted, 'cache')}{where}"
+               + (f"; {kept} with child caches kept" if kept else ""))
+
+
 @cli.command()
 @click.option("--json", "as_json", is_flag=True, help="JSON, not a table.")
 @click.pass_obj
+@_reaching
 def stats(socket_path, as_json):
     """Pool sizes by subtype and state, and check-outs since the daemon started."""
     from epm_client.admin import AdminClient
@@ -163,6 +276,7 @@ def stats(socket_path, as_json):
 @click.option("--service", default="",
               help='The service to ask about (default "": the daemon).')
 @click.pass_obj
+@_reaching
 def health(socket_path, service):
     """Ask the daemon's gRPC health service; print its status.
 
@@ -186,6 +300,7 @@ def health(socket_path, service):
 @click.argument("count", required=False, type=click.IntRange(0, 4096))
 @click.option("--json", "as_json", is_flag=True, help="JSON, not a table.")
 @click.pass_obj
+@_reaching
 def prewarm(socket_path, subtype, count, as_json):
     """Show the pre-warmed pools, or set SUBTYPE's target to COUNT.
 

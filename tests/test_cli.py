@@ -9,6 +9,7 @@ import time
 
 import pytest
 
+from epm_api import v1alpha1_pb2 as pb
 from epm_client import Client
 from test_client import identity, pooled
 
@@ -252,3 +253,78 @@ def test_health_of_an_unknown_service_names_it(daemon):
     assert result.returncode == 1
     assert result.stderr == ("epmctl: the daemon reports no health for service "
                              "'nope'\n")
+
+
+def test_a_socket_option_naming_no_socket_says_so(daemon, tmp_path):
+    """A file or a directory refuses a connect as a stale socket does; gRPC
+    reports the hand-off socket as a bad HTTP/2 frame. Neither is the cause."""
+    text = tmp_path / "config.toml"
+    text.write_text("")
+    results = {name: epmctl(path, "list") for name, path in (
+        ("file", text), ("directory", tmp_path),
+        ("handoff", daemon.handoff_socket))}
+
+    for result in results.values():
+        assert result.returncode == 1 and len(result.stderr.splitlines()) == 1
+    assert results["file"].stderr.startswith(
+        f"epmctl: {text} is not a socket: --socket (or $EPM_SOCKET) names the "
+        "daemon's gRPC socket")
+    assert results["directory"].stderr.startswith(
+        f"epmctl: {tmp_path} is a directory, not a socket")
+    assert results["handoff"].stderr == (
+        f"epmctl: {daemon.handoff_socket} is epm's hand-off socket, not its gRPC "
+        f"socket; the gRPC socket is {daemon.grpc_socket} unless the config "
+        "moved it\n")
+
+
+def bundle_daemon(make_daemon, tmp_path):
+    from test_bundle import Bundles
+    allowed = tmp_path / "bundles"
+    allowed.mkdir()
+    b = Bundles(make_daemon(f'[bundle]\nallowed_roots = ["{allowed}"]\n'), allowed)
+    b.save(CACHE0, "parent", b.tree("p", {"a": b"x" * 3000}))
+    b.save(CACHE0, "single", b.tree("s", {"a": b"y" * 10}))
+    b.save(CACHE1, "child", b.tree("c", {"b": b"z"}), parent=(CACHE0, "parent"))
+    return b
+
+
+CACHE0, CACHE1 = "bundle-cache.occlum.cache0", "bundle-cache.occlum.cache1"
+
+
+def test_list_of_bundle_caches_shows_their_sizes(make_daemon, tmp_path):
+    b = bundle_daemon(make_daemon, tmp_path)
+    sizes = {c.ID: c.size for c in b.stub.ListCache(
+        pb.ListCacheRequest(type=CACHE0)).caches}
+
+    table = epmctl(b.daemon.grpc_socket, "list", "--type", CACHE0)
+    listed = json.loads(epmctl(b.daemon.grpc_socket, "list", "--type", CACHE1,
+                               "--json").stdout)
+    b.channel.close()
+
+    assert table.returncode == 0, table.stderr
+    header, *rows, total = table.stdout.splitlines()
+    assert header.split() == ["ID", "SUBTYPE", "SIZE", "PARENT", "CREATED"]
+    assert [r.split()[:4] for r in rows] == [
+        ["parent", "occlum", str(sizes["parent"]), "B"],
+        ["single", "occlum", str(sizes["single"]), "B"]]
+    assert sizes["parent"] >= 3000 and total == "2 caches"
+    [child] = listed
+    assert child["parent"] == {"type": CACHE0, "id": "parent"}
+    assert child["size"] > 0
+
+
+def test_flush_of_bundle_caches_deletes_those_without_children(make_daemon,
+                                                               tmp_path):
+    b = bundle_daemon(make_daemon, tmp_path)
+
+    declined = epmctl(b.daemon.grpc_socket, "flush", "--type", CACHE0,
+                      input="n\n")
+    flushed = epmctl(b.daemon.grpc_socket, "flush", "--type", CACHE0, "--yes")
+    left = b.list(CACHE0)
+    b.channel.close()
+
+    assert declined.returncode == 1
+    assert f"Delete 2 caches of type {CACHE0}, every subtype?" in declined.stderr
+    assert (flushed.returncode, flushed.stdout) == (
+        0, "deleted 1 cache; 1 with child caches kept\n")
+    assert left == ["parent"]
