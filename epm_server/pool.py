@@ -122,6 +122,11 @@ class Pool:
         # (st_dev, st_ino) -> IDs of the entries whose fd is that file: one
         # enclave checked in twice would go to two clients.
         self._files = {}
+        # Entries with an fd (every state but pending), in all and by
+        # identity: the limits are checked at each check-in, and counting
+        # the table then cost time in proportion to its size.
+        self._enclaves = 0
+        self._by_identity = {}
         self._closed = False
 
     def on_hand_out(self, callback):
@@ -204,6 +209,7 @@ class Pool:
             key = self._check_file(fd)
             self._transition(entry_id, "receive_fd", fd=fd, owner=owner)
             self._files.setdefault(key[:2], set()).add(entry_id)
+            self._count(entry.identity, 1)
 
     def save_final(self, entry_id, uid=None, legacy=False, discard=False):
         """Make a held entry available; ``uid`` (when known) must own it or be 0.
@@ -353,6 +359,8 @@ class Pool:
             self._closed = True
             entries, self._entries = list(self._entries.values()), {}
             self._files.clear()
+            self._enclaves = 0
+            self._by_identity.clear()
             for entry in entries:
                 if entry.fd is not None:
                     os.close(entry.fd)
@@ -382,6 +390,7 @@ class Pool:
             self._entries[entry_id] = entry
             if key is not None:
                 self._files.setdefault(key[:2], set()).add(entry_id)
+                self._count(identity, 1)
             for callback in self._observers:
                 callback(None, entry)
             if save_final:
@@ -391,14 +400,21 @@ class Pool:
 
     def _check_room(self, identity):
         """Refuse one more enclave (an entry with an fd) past either limit."""
-        pooled = [e for e in self._entries.values() if e.state is not State.PENDING]
-        if len(pooled) >= self._max_total:
+        if self._enclaves >= self._max_total:
             raise ResourceExhausted(
                 f"pool is full: {self._max_total} enclaves in total")
-        same = sum(1 for e in pooled if e.identity == identity)
-        if same >= self._max_per_identity:
+        if self._by_identity.get(identity, 0) >= self._max_per_identity:
             raise ResourceExhausted(f"pool is full: {self._max_per_identity} "
                                     "enclaves of this identity")
+
+    def _count(self, identity, change):
+        """Count one enclave more (``change`` 1) or less (-1) of ``identity``."""
+        self._enclaves += change
+        same = self._by_identity.get(identity, 0) + change
+        if same:
+            self._by_identity[identity] = same
+        else:
+            del self._by_identity[identity]
 
     def _check_file(self, fd):
         """Return ``fd``'s index key; refuse a file that is pooled already."""
@@ -441,6 +457,7 @@ class Pool:
             del self._entries[entry_id]
             if entry.fd is not None:
                 self._forget_file(entry)
+                self._count(entry.identity, -1)
                 os.close(entry.fd)
         else:
             self._entries[entry_id] = entry

@@ -270,3 +270,33 @@ def test_check_in_available_of_a_subtype_not_recycled_is_closed():
     with pytest.raises(NotFound):
         pool.get(entry_id)
     pool.close()
+
+
+def test_room_comes_back_as_enclaves_leave_the_pool():
+    pool = Pool(3, 2)
+    handed, _ = available(pool)
+    pool.lease("skeleton", IDENTITY)
+    pool.hand_out(handed)
+    deleted, _ = available(pool)
+    pool.delete(deleted)
+    discarded, _ = check_in(pool)
+    pool.discard(discarded)
+
+    check_in(pool)
+    check_in(pool)
+    with pytest.raises(ResourceExhausted, match="of this identity"):
+        check_in(pool)
+    pool.close()
+
+
+def test_a_pending_entry_takes_room_once_its_fd_comes():
+    pool = Pool(2, 2)
+    pool.add_pending("legacy-1", "skeleton", IDENTITY, LAYOUT)
+    check_in(pool)
+    pool.receive_fd("legacy-1", new_fd(), OWNER)
+
+    with pytest.raises(ResourceExhausted, match="in total"):
+        check_in(pool, identity=OTHER)
+    pool.discard("legacy-1")
+    check_in(pool, identity=OTHER)
+    pool.close()
