@@ -47,6 +47,10 @@ logger = structlog.get_logger("epm")
 _PROBE_TIMEOUT = 5.0
 # How long in-flight gRPC calls may run on after SIGTERM.
 _GRACE = 5.0
+# A second SIGTERM or SIGINT this long after the first stops the daemon at
+# once. One sooner is the same stop sent twice (to the process and to its
+# group, or by a supervisor that repeats itself), and is ignored.
+_HURRY_AFTER = 0.5
 # Descriptors kept for everything but pooled enclaves: hand-off and gRPC
 # connections, legacy hand-offs in flight, the database, pidfds, logs.
 FD_RESERVE = 128
@@ -124,12 +128,15 @@ def run(cfg, not_recycled=(), images=None):
     # and one that took a lock (threading.Event.set does) could deadlock on
     # a lock the main thread held at that moment, ignoring the signal.
     signals = []
+    first_at = []
     sockets = (cfg.grpc_address, cfg.handoff_path)
 
     def on_signal(signum, _):
-        signals.append(signum)
-        if len(signals) > 1:
+        now = time.monotonic()
+        if first_at and now - first_at[0] >= _HURRY_AFTER:
             _stop_now(signum, sockets)
+        first_at.append(now)
+        signals.append(signum)
 
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, on_signal)
@@ -207,7 +214,8 @@ def run(cfg, not_recycled=(), images=None):
 
 
 def _stop_now(signum, sockets):
-    """A second SIGTERM or SIGINT: remove the sockets and exit at once.
+    """A second SIGTERM or SIGINT (``_HURRY_AFTER`` or more after the first):
+    remove the sockets and exit at once.
 
     The first signal's stop waits for calls and hand-offs in flight (a
     legacy client that connects and sends nothing holds it for its whole
