@@ -91,12 +91,8 @@ def check_enclave_fd(fd, identity):
 
 
 def _check_memfd(fd, identity):
-    size = os.fstat(fd).st_size
-    if identity is not None and size != identity.size:
-        raise InvalidArgument(f"enclave fd: memfd of {size} bytes, identity.size "
-                              f"is {identity.size}")
-    if size == 0:
-        raise InvalidArgument("enclave fd: memfd is empty")
+    # Seals first, size after: the sender holds the fd too, and a size read
+    # before the seals were checked could have changed in between.
     try:
         seals = fcntl.fcntl(fd, _F_GET_SEALS)
     except OSError:
@@ -104,6 +100,12 @@ def _check_memfd(fd, identity):
     if seals & REQUIRED_SEALS != REQUIRED_SEALS:
         raise InvalidArgument(f"enclave fd: memfd seals {seals:#x} lack "
                               "F_SEAL_SHRINK|F_SEAL_GROW")
+    size = os.fstat(fd).st_size
+    if identity is not None and size != identity.size:
+        raise InvalidArgument(f"enclave fd: memfd of {size} bytes, identity.size "
+                              f"is {identity.size}")
+    if size == 0:
+        raise InvalidArgument("enclave fd: memfd is empty")
 
 
 def _inspect(fd):
