@@ -44,6 +44,8 @@ class Config:
     max_recv_message_size: int = 16 * 1024 * 1024
     max_send_message_size: int = 16 * 1024 * 1024
     grpc_address: str = "/var/run/epm/epm.sock"
+    grpc_max_connections: int = 256
+    grpc_handshake_timeout: float = 5.0
     handoff_address: str | None = None
     allowed_uids: tuple = ()
     allowed_gids: tuple = ()
@@ -187,7 +189,12 @@ _SCHEMA = {
         "db_timeout": ("db_timeout", _seconds),
         **_GRPC_SHARED,
     },
-    "grpc": {"address": ("grpc_address", _path), **_GRPC_SHARED},
+    "grpc": {
+        "address": ("grpc_address", _path),
+        "max_connections": ("grpc_max_connections", _positive_int),
+        "handshake_timeout": ("grpc_handshake_timeout", _seconds),
+        **_GRPC_SHARED,
+    },
     "handoff": {
         "address": ("handoff_address", _path),
         "allowed_uids": ("allowed_uids", _ids),

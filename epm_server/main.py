@@ -175,7 +175,9 @@ def run(cfg, not_recycled=(), images=None):
         server = serve(EnclavePoolService(pool, legacy, bundles), cfg.grpc_address,
                        cfg.max_recv_message_size, cfg.max_send_message_size,
                        uid=cfg.uid, gid=cfg.gid, interceptors=[RpcTimer()],
-                       extra=[extra_service(pool, prewarmer)])
+                       extra=[extra_service(pool, prewarmer)],
+                       max_connections=cfg.grpc_max_connections,
+                       handshake_timeout=cfg.grpc_handshake_timeout)
         if cfg.metrics_address is not None:
             endpoint = Endpoint(*cfg.metrics_address, pool)
             logger.info("metrics_started", host=cfg.metrics_address[0],

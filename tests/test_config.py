@@ -41,6 +41,8 @@ max_recv_message_size = 1024
 [grpc]
 address = "/run/x/epm.sock"
 max_send_message_size = 2048
+max_connections = 100
+handshake_timeout = 2
 [handoff]
 address = "/run/y/h.sock"
 allowed_uids = [5, 6]
@@ -68,6 +70,7 @@ allowed_roots = ["/srv/bundles", "/run/rune"]
     assert (cfg.max_total, cfg.max_per_identity) == (10, 2)
     assert cfg.legacy_accept_timeout == 2.5 and cfg.legacy_max_pending == 3
     assert (cfg.max_connections, cfg.max_connections_per_uid) == (32, 4)
+    assert (cfg.grpc_max_connections, cfg.grpc_handshake_timeout) == (100, 2.0)
     assert cfg.allowed_roots == ("/srv/bundles", "/run/rune")
 
 
@@ -103,6 +106,8 @@ def test_handoff_socket_defaults_beside_grpc_socket(tmp_path):
      "max_recv_message_size: expected a size from 1 to 2147483647"),
     ("[grpc]\nmax_send_message_size = 0\n", "grpc.max_send_message_size: expected"),
     ("[handoff]\nmax_connections = 0\n", "handoff.max_connections: expected a pos"),
+    ("[grpc]\nmax_connections = 0\n", "grpc.max_connections: expected a pos"),
+    ("[grpc]\nhandshake_timeout = -1\n", "grpc.handshake_timeout: "),
     ("[handoff]\nmax_connections_per_uid = -2\n",
      "handoff.max_connections_per_uid: expected a positive integer"),
     ("[legacy]\nmax_pending = 0\n", "legacy.max_pending: expected a positive"),

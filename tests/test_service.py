@@ -13,6 +13,7 @@ import pytest
 from epm_api import v1alpha1_pb2 as pb
 from epm_api import v1alpha1_pb2_grpc as pb_grpc
 from test_handoff import CONTENT, Client, enclave, identity, pool_one, sealed_memfd
+from live_daemon import Daemon
 
 POOL = "enclave-cache-pool"
 SUBTYPE = "skeleton-0.0.0"
@@ -381,3 +382,25 @@ def test_a_connection_that_never_handshakes_gives_its_slot_back(tmp_path):
         for conn in conns:
             conn.close()
         server.stop(0).wait()
+
+
+def test_grpc_connection_limit_and_handshake_timeout_come_from_the_config(tmp_path):
+    d = Daemon(tmp_path)
+    with d.config.open("a") as f:  # [grpc] is the config's last table
+        f.write("max_connections = 4\nhandshake_timeout = 0.5\n")
+    d.start()
+    try:
+        baseline = d.open_fds()
+        conns = raw_connections(d.grpc_socket, 40)
+        try:
+            time.sleep(0.3)
+            assert d.open_fds() <= baseline + 4 + 4
+            with grpc.insecure_channel(f"unix:{d.grpc_socket}") as channel:
+                reply = pb_grpc.EnclavePoolManagerStub(channel).Healthz(
+                    pb.HealthzRequest(), timeout=10, wait_for_ready=True)
+            assert reply.ok
+        finally:
+            for conn in conns:
+                conn.close()
+    finally:
+        d.stop()
