@@ -3,14 +3,20 @@
 import fcntl
 import mmap
 import os
+import socket
 import subprocess
 import sys
 import textwrap
+import threading
+import time
 
 import pytest
 
+from epm_api import framing
+from epm_api import handoff_pb2 as hpb
 from epm_client import (Client, DaemonUnavailable, Identity, LayoutEntry,
                         NotFound)
+from epm_client import client as client_module
 
 SIZE = 1 << 20
 BASE = 0x7E0000000000
@@ -194,3 +200,32 @@ def test_check_in_available_needs_no_save_final(daemon):
             assert os.pread(got.fd, 5, 0) == b"ready"
         finally:
             os.close(got.fd)
+
+
+def test_a_client_stops_polling_for_replies_that_come_late(monkeypatch):
+    """Polling for a reply is worth it only while replies come at once."""
+    polls = []
+    real_poll = client_module._poll_reply
+    monkeypatch.setattr(client_module, "_poll_reply",
+                        lambda conn, s: polls.append(s) or real_poll(conn, s))
+    ours, daemons = socket.socketpair()
+    reply = hpb.HandoffReply(code=0, id="x").SerializeToString()
+
+    def slow_daemon():
+        while framing.recv_frame(daemons, time.monotonic() + 5) is not None:
+            time.sleep(0.001)
+            framing.send_frame(daemons, reply, time.monotonic() + 5)
+
+    thread = threading.Thread(target=slow_daemon)
+    thread.start()
+    client = Client("/nonexistent/epm.sock")
+    client._conn = ours
+    requests = client_module._SPIN_MISSES + client_module._SPIN_BACKOFF + 1
+
+    for _ in range(requests):
+        client.save_final("x")
+
+    client.close()
+    thread.join()
+    daemons.close()
+    assert len(polls) == client_module._SPIN_MISSES + 1
