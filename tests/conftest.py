@@ -2,7 +2,13 @@
 
 import os
 
-import pytest
+# Tests fork workloads (skeleton.pal) in a process that also runs gRPC
+# clients. gRPC's fork handlers, on when this is unset, can deadlock in the
+# fork itself (grpc/grpc#22624); the forked children never use gRPC. Set
+# before anything imports grpc.
+os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "false")
+
+import pytest  # noqa: E402
 
 # Tests import REPO and Daemon from here.
 from live_daemon import REPO, Daemon  # noqa: F401
