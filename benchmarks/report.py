@@ -35,9 +35,12 @@ def rows(r):
                 "p50 <= 150 us, p99 <= 1 ms",
                 r["checkout_us_p50"] <= 150 and r["checkout_us_p99"] <= 1000,
                 "710-855 us, p99 1.6-3.7 ms (Go daemon)"))
-    out.append(("check-in, hand-off socket", _us(r, "checkin"),
+    out.append(("check-in, hand-off socket (one request: CheckIn.available)",
+                _us(r, "checkin"),
                 "p50 <= 300 us", r["checkin_us_p50"] <= 300,
                 "1.17-1.49 ms (Go daemon)"))
+    out.append(("check-in held, then save-final (two requests, as the PAL after "
+                "a build)", _us(r, "checkin_held"), "", None, ""))
     out.append(("check-out, published clients' path (gRPC)",
                 _us(r, "legacy_checkout"), "", None,
                 "710-855 us, p99 1.6-3.7 ms (Go daemon)"))

@@ -155,12 +155,13 @@ def _cold_launch(host, image_dir, args):
     return {k: float(v) for k, v in got.items() if k.endswith("_ms")}
 
 
-def checkout_checkin(images, daemon, runs):
+def checkout_checkin(images, daemon, runs, held=False):
     """A warm client: check-out with the fd mapped, and check-in.
 
     The check-in makes the enclave available in the same round trip
     (``available``): what SaveCache, the fd hand-off and SaveFinalCache do
-    for a published client.
+    for a published client. With ``held`` it is two requests, a check-in
+    held by the client and its save-final, as the PAL does after a build.
     """
     image = load_image(images / "8")
     identity = image.identity("sim")
@@ -171,7 +172,10 @@ def checkout_checkin(images, daemon, runs):
     out_us, in_us = [], []
     for _ in range(runs):
         t0 = time.perf_counter()
-        client.check_in(fd, SUBTYPE, layout, identity, available=True)
+        if held:
+            client.save_final(client.check_in(fd, SUBTYPE, layout, identity))
+        else:
+            client.check_in(fd, SUBTYPE, layout, identity, available=True)
         t1 = time.perf_counter()
         os.close(fd)
         got = client.check_out(SUBTYPE, identity)
@@ -293,8 +297,8 @@ def _pair_worker(socket_path, seconds, start, queue):
     deadline = time.monotonic() + seconds
     while time.monotonic() < deadline:
         try:
-            pool_id = client.check_in(fd, SUBTYPE, SMALL_LAYOUT, small_identity())
-            client.save_final(pool_id)
+            client.check_in(fd, SUBTYPE, SMALL_LAYOUT, small_identity(),
+                            available=True)
             got = client.check_out(SUBTYPE, small_identity())
             if got is None:
                 errors += 1
@@ -363,8 +367,8 @@ def pool10k(tmp, count):
         for _ in range(count):
             fd = small_memfd()
             try:
-                client.save_final(client.check_in(fd, SUBTYPE, SMALL_LAYOUT,
-                                                  small_identity()))
+                client.check_in(fd, SUBTYPE, SMALL_LAYOUT, small_identity(),
+                                available=True)
             finally:
                 os.close(fd)
         rss1 = _rss_kib(daemon.proc.pid)
@@ -468,6 +472,9 @@ def run(images, scale):
             results["checkout_us_p99"] = p99(out_us)
             results["checkin_us_p50"] = median(in_us)
             results["checkin_us_p99"] = p99(in_us)
+            _, in_us = checkout_checkin(images, daemon, n["handoff"], held=True)
+            results["checkin_held_us_p50"] = median(in_us)
+            results["checkin_held_us_p99"] = p99(in_us)
             out_us, in_us = legacy_checkout_checkin(images, daemon, n["legacy"])
             results["legacy_checkout_us_p50"] = median(out_us)
             results["legacy_checkout_us_p99"] = p99(out_us)

@@ -24,7 +24,8 @@ def test_tiny_run_writes_every_figure_and_the_table(tmp_path, images):
         assert all(v > 0 for v in r[key].values())
     for key in ("launch_cold_pool_ms", "launch_cold_pool_ms_p99",
                 "checkout_us_p50", "checkout_us_p99", "checkin_us_p50",
-                "checkin_us_p99", "legacy_checkout_us_p50", "legacy_checkout_us_p99",
+                "checkin_us_p99", "checkin_held_us_p50", "checkin_held_us_p99",
+                "legacy_checkout_us_p50", "legacy_checkout_us_p99",
                 "legacy_checkin_us_p50", "legacy_checkin_us_p99", "build_mib_per_s",
                 "sha256_records_mib_per_s", "pool10k_list_s", "pool10k_flush_s"):
         assert r[key] > 0, key
