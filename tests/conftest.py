@@ -72,6 +72,24 @@ def make_signed_image(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def sign_copy(tmp_path_factory):
+    """A factory: a copy of a signed image directory's encl.bin, signed with
+    the same key for another mmap size (another enclave, same MRSIGNER)."""
+    import shutil
+
+    from skeleton import sgxsign
+
+    def make(signed, mmap_size):
+        directory = tmp_path_factory.mktemp("copy")
+        shutil.copy(signed / "encl.bin", directory / "encl.bin")
+        sgxsign.sign(signed / "key.pem", directory / "encl.bin",
+                     directory / "encl.ss", mmap_size=mmap_size)
+        return directory
+
+    return make
+
+
+@pytest.fixture(scope="session")
 def images():
     """Directory of signed images, one subdirectory per size in MiB."""
     if not (IMAGES / "8" / "encl.ss").exists():

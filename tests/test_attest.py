@@ -6,7 +6,7 @@ import shutil
 
 import pytest
 
-from skeleton import attest, report, sgxsign
+from skeleton import attest, report
 
 
 @pytest.fixture(scope="module")
@@ -15,13 +15,9 @@ def signed(make_signed_image):
 
 
 @pytest.fixture(scope="module")
-def target(signed, tmp_path_factory):
+def target(signed, sign_copy):
     """Another enclave, signed by the same key."""
-    directory = tmp_path_factory.mktemp("target")
-    shutil.copy(signed / "encl.bin", directory / "encl.bin")
-    sgxsign.sign(signed / "key.pem", directory / "encl.bin", directory / "encl.ss",
-                 mmap_size=2 << 20)
-    return directory
+    return sign_copy(signed, 2 << 20)
 
 
 @pytest.fixture

@@ -2,11 +2,10 @@
 
 import json
 import os
-import shutil
 
 import pytest
 
-from skeleton import attest, report, sgxsign
+from skeleton import attest, report
 from skeleton.backends import sim
 from skeleton.errors import SkeletonError
 from skeleton.image import load_image
@@ -27,13 +26,9 @@ def signed(make_signed_image):
 
 
 @pytest.fixture(scope="module")
-def other(signed, tmp_path_factory):
+def other(signed, sign_copy):
     """A second image, a different enclave signed by the same key."""
-    directory = tmp_path_factory.mktemp("other")
-    shutil.copy(signed / "encl.bin", directory / "encl.bin")
-    sgxsign.sign(signed / "key.pem", directory / "encl.bin", directory / "encl.ss",
-                 mmap_size=2 << 20)
-    return directory
+    return sign_copy(signed, 2 << 20)
 
 
 def _targetinfo(directory):
