@@ -12,7 +12,7 @@ import os
 import platform
 import stat
 
-from epm_server.errors import InvalidArgument
+from epm_server.errors import InvalidArgument, shown
 
 # memfd_create(2) names appear in /proc/self/fd as "/memfd:<name> (deleted)".
 _MEMFD_PREFIX = "/memfd:"
@@ -119,14 +119,16 @@ def _inspect(fd):
 
 
 def _describe(mode, link):
+    # A memfd's name and a file's path are the client's choice: quoted, so
+    # that a newline or an escape sequence in them cannot break a message.
     if link.startswith(_MEMFD_PREFIX):
-        return f"memfd {link[len(_MEMFD_PREFIX):]!r}"
+        return f"memfd {shown(link[len(_MEMFD_PREFIX):], quoted=True)}"
     for test, kind in _KINDS:
         if test(mode):
             return kind
     if stat.S_ISCHR(mode):
-        return f"character device {link}"
+        return f"character device {shown(link, quoted=True)}"
     if stat.S_ISREG(mode):
-        return f"regular file {link}"
+        return f"regular file {shown(link, quoted=True)}"
     # anon_inode:[eventpoll], anon_inode:[eventfd], ...: the link says it all.
-    return link
+    return shown(link, quoted=True)

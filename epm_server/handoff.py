@@ -39,6 +39,7 @@ from epm_server.enclave import (
     check_layout_fits, enclave_proto, identity_from_proto, layout_from_proto,
     subtype_from_request)
 from epm_server.errors import EpmError, InvalidArgument, PermissionDenied
+from epm_server.ids import validate_id
 from epm_server.peers import peer_of
 from epm_server.pool import Owner
 from epm_server.sockets import listen_unix, unlink_socket
@@ -640,6 +641,8 @@ class HandoffServer:
         return handoff_pb2.HandoffReply(code=_OK, id=entry_id)
 
     def _save_final(self, msg, peer):
+        # Checked as the gRPC path checks an ID: a reply quotes no raw bytes.
+        validate_id(msg.id, "save_final.id")
         self._pool.save_final(msg.id, uid=peer.uid, discard=msg.discard)
         return handoff_pb2.HandoffReply(code=_OK, id=msg.id)
 

@@ -303,7 +303,8 @@ class Pool:
         with self._lock:
             entry = self._find(entry_id)
             if subtype and entry.subtype != subtype:
-                raise NotFound(f"no enclave {shown(entry_id)} of subtype {shown(subtype, quoted=True)}")
+                raise NotFound(f"no enclave {shown(entry_id, quoted=True)} of subtype "
+                               f"{shown(subtype, quoted=True)}")
             self._transition(entry_id, "delete")
 
     def flush(self, subtype=""):
@@ -430,7 +431,8 @@ class Pool:
         try:
             return self._entries[entry_id]
         except KeyError:
-            raise NotFound(f"no enclave {shown(entry_id)} in the pool") from None
+            raise NotFound(f"no enclave {shown(entry_id, quoted=True)} in the pool") \
+                from None
 
     def _forget_file(self, entry):
         key = fdcheck.file_key(entry.fd)[:2]

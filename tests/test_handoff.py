@@ -655,3 +655,24 @@ def test_the_same_check_in_bytes_still_check_each_fd(daemon):
     assert third.code == 6 and "same open file" in third.message
     assert none.code == 3 and "got 0" in none.message
     client.close()
+
+
+def test_error_replies_quote_what_the_client_sent(daemon, tmp_path):
+    """A reply is one printable line: a client's ID or file name is quoted
+    with its control characters escaped, and cut when long."""
+    client = Client(daemon.handoff_socket)
+    bad_id = client.save_final("\x1b[31m\n../x")
+    long_id = client.save_final("\x07" * 1000)
+    path = tmp_path / "\x1b[2J\nname"
+    path.write_bytes(b"\0" * SIZE)
+    fd = os.open(path, os.O_RDONLY)
+    bad_file = client.check_in(fd)
+    os.close(fd)
+    client.close()
+
+    assert bad_id.code == 3
+    assert "save_final.id: '\\x1b[31m\\n../x'" in bad_id.message
+    assert long_id.code == 3 and len(long_id.message) < 600
+    assert bad_file.code == 3 and "\\x1b[2J\\nname" in bad_file.message
+    for reply in (bad_id, long_id, bad_file):
+        assert reply.message.isprintable(), reply.message

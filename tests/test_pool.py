@@ -300,3 +300,11 @@ def test_a_pending_entry_takes_room_once_its_fd_comes():
     pool.discard("legacy-1")
     check_in(pool, identity=OTHER)
     pool.close()
+
+
+def test_an_unknown_id_is_quoted_in_the_error():
+    pool = Pool(10, 10)
+    with pytest.raises(NotFound) as raised:
+        pool.save_final("\x1b[31m\n../x")
+    assert str(raised.value) == "no enclave '\\x1b[31m\\n../x' in the pool"
+    pool.close()
