@@ -16,13 +16,19 @@ An entry's life (DESIGN section 4)::
 
 Entries in the last three states have left the pool and their fd is closed.
 One lock guards the table; nothing here does socket I/O, so callers lease an
-entry, send its fd without the lock, then hand it out or release it.
+entry, send its fd without the lock, then hand it out or release it. A sender
+that learns of the client's read only later registers a probe (``sent``), so
+that the client checking the same enclave in again meanwhile settles the lease
+instead of being refused. What is derived from the table (the index of
+available entries, the counts, the files) changes in ``_transition`` only.
 Observers (``on_transition``) see every change of state in order, under the
 lock, so they must not block.
 """
 
+import bisect
 import dataclasses
 import enum
+import itertools
 import os
 import threading
 import time
@@ -31,6 +37,7 @@ import uuid
 import structlog
 
 from epm_server import fdcheck, metrics
+from epm_server.delivery import Delivery
 from epm_server.errors import (
     AlreadyExists, FailedPrecondition, NotFound, PermissionDenied,
     ResourceExhausted, Unavailable, shown)
@@ -55,8 +62,12 @@ class State(enum.Enum):
 
 _GONE = frozenset({State.HANDED_OUT, State.DELETED, State.DISCARDED})
 
-# Operation -> (states it may start from, state it leads to).
+# Operation -> (states it may start from, state it leads to); None is an
+# entry not in the pool yet.
 _OPERATIONS = {
+    "check_in": ({None}, State.HELD),
+    "add_pending": ({None}, State.PENDING),
+    "adopt": ({None}, State.AVAILABLE),
     "receive_fd": ({State.PENDING}, State.HELD),
     "save_final": ({State.HELD}, State.AVAILABLE),
     "lease": ({State.AVAILABLE}, State.LEASED),
@@ -117,8 +128,16 @@ class Pool:
         self._max_per_identity = max_per_identity
         self._max_pending = max_pending
         self._lock = threading.Lock()
-        # Insertion order is creation order: the first match is the oldest.
         self._entries = {}
+        # Entry ID -> its rank in creation order, from _serials.
+        self._serial_of = {}
+        self._serials = itertools.count()
+        # (subtype, identity) -> [(serial, ID)] of its available entries,
+        # oldest first: a lease takes the oldest without scanning the table.
+        self._available = {}
+        self._pending = 0
+        # Leased entry ID -> the probe its sender registered (``sent``).
+        self._probes = {}
         # (st_dev, st_ino) -> IDs of the entries whose fd is that file: one
         # enclave checked in twice would go to two clients.
         self._files = {}
@@ -169,7 +188,7 @@ class Pool:
         Raises AlreadyExists (the ID, or ``fd``'s file, is in the pool
         already), ResourceExhausted, Unavailable.
         """
-        return self._add(entry_id, subtype, identity, layout, fd, State.HELD,
+        return self._add(entry_id, "check_in", subtype, identity, layout, fd,
                          owner, origin, save_final=available)
 
     def adopt(self, entry_id, subtype, identity, layout, fd, created, origin):
@@ -184,15 +203,15 @@ class Pool:
         if (subtype, identity) in self._no_recycle and origin != "prewarm":
             raise FailedPrecondition(f"enclave {entry_id}: subtype "
                                      f"{shown(subtype, quoted=True)} is not recycled")
-        return self._add(entry_id, subtype, identity, layout, fd, State.AVAILABLE,
-                         None, origin, created=created)
+        return self._add(entry_id, "adopt", subtype, identity, layout, fd, None,
+                         origin, created=created)
 
     def add_pending(self, entry_id, subtype, identity, layout):
         """Add a pending entry whose fd comes later (legacy SaveCache).
 
         Raises AlreadyExists, ResourceExhausted, Unavailable.
         """
-        self._add(entry_id, subtype, identity, layout, None, State.PENDING, None,
+        self._add(entry_id, "add_pending", subtype, identity, layout, None, None,
                   "legacy")
 
     def receive_fd(self, entry_id, fd, owner):
@@ -202,14 +221,18 @@ class Pool:
         AlreadyExists (``fd``'s file is pooled already) or ResourceExhausted
         (no room for one more enclave); the caller still owns ``fd`` then.
         """
-        with self._lock:
-            entry = self._find(entry_id)
-            if entry.state is State.PENDING:
-                self._check_room(entry.identity)
-            key = self._check_file(fd)
-            self._transition(entry_id, "receive_fd", fd=fd, owner=owner)
-            self._files.setdefault(key[:2], set()).add(entry_id)
-            self._count(entry.identity, 1)
+        settled = []
+        try:
+            with self._lock:
+                entry = self._find(entry_id)
+                # The file first: a lease it settles frees room.
+                key = self._check_file(fd, settled)
+                if entry.state is State.PENDING:
+                    self._check_room(entry.identity)
+                self._transition(entry_id, "receive_fd", key=key, fd=fd,
+                                 owner=owner)
+        finally:
+            self._handed_out(len(settled))
 
     def save_final(self, entry_id, uid=None, legacy=False, discard=False):
         """Make a held entry available; ``uid`` (when known) must own it or be 0.
@@ -253,25 +276,55 @@ class Pool:
         leased snapshot, or None when nothing matches.
         """
         with self._lock:
-            for entry in self._entries.values():
-                if (entry.state is State.AVAILABLE and entry.subtype == subtype
-                        and (identity is ANY_IDENTITY or entry.identity == identity)):
-                    entry = self._transition(entry.id, "lease")
-                    break
+            if identity is ANY_IDENTITY:
+                queues = [queue for (kind, _), queue in self._available.items()
+                          if kind == subtype]
             else:
-                entry = None
+                queue = self._available.get((subtype, identity))
+                queues = [queue] if queue else []
+            entry = None
+            if queues:
+                _, entry_id = min(queue[0] for queue in queues)
+                entry = self._transition(entry_id, "lease")
         metrics.checkout(subtype, hit=entry is not None)
         return entry
 
-    def hand_out(self, entry_id):
-        """The leased fd reached its client: close the daemon's copy, drop it.
+    def sent(self, entry_id, probe):
+        """The leased entry's fd is queued to its client; ``probe()`` tells,
+        without blocking, whether the client has read it (Delivery.READ).
 
-        Raises NotFound, FailedPrecondition.
+        The sender learns of the read only when it next looks, and the client
+        may check the same enclave in again before then, on another socket:
+        that check-in asks the probe, and hands the entry out at once when the
+        fd was read. The sender then passes the same ``probe`` to
+        ``hand_out`` or ``release``. Raises NotFound, FailedPrecondition.
         """
         with self._lock:
+            entry = self._find(entry_id)
+            if entry.state is not State.LEASED:
+                raise FailedPrecondition(f"enclave {entry_id} is "
+                                         f"{entry.state.value}, not leased")
+            self._probes[entry_id] = probe
+
+    def hand_out(self, entry_id, probe=None):
+        """The leased fd reached its client: close the daemon's copy, drop it.
+
+        With the ``probe`` given to ``sent``, returns False and does nothing
+        when a check-in of the same enclave handed it out already; else
+        returns True. Raises NotFound, FailedPrecondition.
+        """
+        with self._lock:
+            if probe is not None and self._probes.get(entry_id) is not probe:
+                return False
             self._transition(entry_id, "hand_out")
-        for callback in self._on_hand_out:
-            callback()
+        self._handed_out(1)
+        return True
+
+    def _handed_out(self, count):
+        """Run the hand-out callbacks, without the lock, once per hand-out."""
+        for _ in range(count):
+            for callback in self._on_hand_out:
+                callback()
 
     def hold(self, entry_id, owner):
         """The leased fd reached ``owner``, who asked to hold it: the entry
@@ -283,17 +336,20 @@ class Pool:
         """
         with self._lock:
             self._transition(entry_id, "hold", owner=owner, origin="handoff")
-        for callback in self._on_hand_out:
-            callback()
+        self._handed_out(1)
 
-    def release(self, entry_id):
+    def release(self, entry_id, probe=None):
         """The hand-off failed: make the leased entry available again.
 
-        Raises NotFound, FailedPrecondition.
+        ``probe`` and the result are as for ``hand_out``. Raises NotFound,
+        FailedPrecondition.
         """
         with self._lock:
+            if probe is not None and self._probes.get(entry_id) is not probe:
+                return False
             entry = self._transition(entry_id, "release")
         metrics.failed_handoff(entry.subtype)
+        return True
 
     def delete(self, entry_id, subtype=""):
         """Close and drop an available entry (of ``subtype`` when given).
@@ -362,41 +418,43 @@ class Pool:
             self._files.clear()
             self._enclaves = 0
             self._by_identity.clear()
+            self._serial_of.clear()
+            self._available.clear()
+            self._pending = 0
+            self._probes.clear()
             for entry in entries:
                 if entry.fd is not None:
                     os.close(entry.fd)
         log.debug("pool_closed", closed=len(entries))
 
-    def _add(self, entry_id, subtype, identity, layout, fd, state, owner, origin,
-             created=None, save_final=False):
-        with self._lock:
-            if self._closed:
-                raise Unavailable("the daemon is shutting down")
-            entry_id = entry_id or uuid.uuid4().hex
-            if entry_id in self._entries:
-                raise AlreadyExists(f"enclave {entry_id} is already in the pool")
-            if state is State.PENDING:
-                pending = sum(1 for e in self._entries.values()
-                              if e.state is State.PENDING)
-                if pending >= self._max_pending:
-                    raise ResourceExhausted(f"{self._max_pending} legacy check-ins "
-                                            "are waiting for their fd already")
-            else:
-                self._check_room(identity)
-            key = self._check_file(fd) if fd is not None else None
-            entry = Entry(id=entry_id, subtype=subtype, identity=identity,
-                          layout=tuple(layout), fd=fd, state=state, owner=owner,
-                          created=int(time.time()) if created is None else created,
-                          origin=origin)
-            self._entries[entry_id] = entry
-            if key is not None:
-                self._files.setdefault(key[:2], set()).add(entry_id)
-                self._count(identity, 1)
-            for callback in self._observers:
-                callback(None, entry)
-            if save_final:
-                self._save_final(entry)
-        log.debug("enclave_state", state=state.value, id=entry_id, subtype=subtype)
+    def _add(self, entry_id, operation, subtype, identity, layout, fd, owner,
+             origin, created=None, save_final=False):
+        settled = []
+        try:
+            with self._lock:
+                if self._closed:
+                    raise Unavailable("the daemon is shutting down")
+                entry_id = entry_id or uuid.uuid4().hex
+                if entry_id in self._entries:
+                    raise AlreadyExists(f"enclave {entry_id} is already in the pool")
+                # The file first: a lease it settles frees room.
+                key = self._check_file(fd, settled) if fd is not None else None
+                if fd is None:
+                    if self._pending >= self._max_pending:
+                        raise ResourceExhausted(
+                            f"{self._max_pending} legacy check-ins are waiting "
+                            "for their fd already")
+                else:
+                    self._check_room(identity)
+                entry = self._transition(
+                    entry_id, operation, key=key, subtype=subtype,
+                    identity=identity, layout=tuple(layout), fd=fd, owner=owner,
+                    created=int(time.time()) if created is None else created,
+                    origin=origin)
+                if save_final:
+                    self._save_final(entry)
+        finally:
+            self._handed_out(len(settled))
         return entry_id
 
     def _check_room(self, identity):
@@ -417,14 +475,27 @@ class Pool:
         else:
             del self._by_identity[identity]
 
-    def _check_file(self, fd):
-        """Return ``fd``'s index key; refuse a file that is pooled already."""
+    def _check_file(self, fd, settled):
+        """Return ``fd``'s index key; refuse a file that is pooled already.
+
+        A leased entry of that file whose client has read the fd (its probe
+        says so) is the client's already, and the client checks it in again
+        before its sender noticed: it is handed out here, and its ID appended
+        to ``settled``.
+        """
         key = fdcheck.file_key(fd)
-        for other in self._files.get(key[:2], ()):
-            other_fd = self._entries[other].fd
-            if not key[2] or fdcheck.same_open_file(fd, other_fd):
-                raise AlreadyExists(f"enclave fd: the same open file as enclave "
-                                    f"{other}, which is in the pool already")
+        for other in list(self._files.get(key[:2], ())):
+            entry = self._entries[other]
+            if key[2] and not fdcheck.same_open_file(fd, entry.fd):
+                continue
+            probe = self._probes.get(other)
+            if probe is not None and probe() is Delivery.READ:
+                self._transition(other, "hand_out")
+                log.debug("enclave_handed_out_at_check_in", id=other)
+                settled.append(other)
+                continue
+            raise AlreadyExists(f"enclave fd: the same open file as enclave "
+                                f"{other}, which is in the pool already")
         return key
 
     def _find(self, entry_id):
@@ -441,28 +512,70 @@ class Pool:
         if not ids:
             self._files.pop(key, None)
 
-    def _transition(self, entry_id, operation, **changes):
+    def _transition(self, entry_id, operation, key=None, **changes):
         """The guard: apply ``operation`` or refuse it naming the state.
 
-        ``changes`` are other fields of the entry that change with its state.
-        Called with the lock held; returns the new snapshot.
+        ``changes`` are other fields of the entry that change with its state
+        (all of them for an entry added); ``key`` is the file key of an fd
+        the entry gets, when the caller has it. Called with the lock held;
+        returns the new snapshot.
         """
-        before = self._find(entry_id)
         sources, target = _OPERATIONS[operation]
-        if before.state not in sources:
-            raise FailedPrecondition(f"cannot {operation.replace('_', ' ')} "
-                                     f"enclave {entry_id}: it is {before.state.value}")
-        entry = dataclasses.replace(before, state=target, **changes)
+        if None in sources:
+            before = None
+            entry = Entry(id=entry_id, state=target, **changes)
+        else:
+            before = self._find(entry_id)
+            if before.state not in sources:
+                raise FailedPrecondition(
+                    f"cannot {operation.replace('_', ' ')} enclave {entry_id}: "
+                    f"it is {before.state.value}")
+            entry = dataclasses.replace(before, state=target, **changes)
         for callback in self._observers:
             callback(before, entry)
-        if target in _GONE:
-            del self._entries[entry_id]
+        if before is not None:
+            self._leave(before)
+        self._enter(entry, key)
+        log.debug("enclave_state", state=target.value, id=entry_id,
+                  subtype=entry.subtype)
+        return entry
+
+    def _leave(self, entry):
+        """Drop what the table derives from ``entry`` in its old state."""
+        if entry.state is State.PENDING:
+            self._pending -= 1
+        elif entry.state is State.AVAILABLE:
+            place = (entry.subtype, entry.identity)
+            queue = self._available[place]
+            del queue[bisect.bisect_left(queue, (self._serial_of[entry.id],
+                                                 entry.id))]
+            if not queue:
+                del self._available[place]
+        elif entry.state is State.LEASED:
+            self._probes.pop(entry.id, None)
+
+    def _enter(self, entry, key):
+        """Record ``entry`` in its new state, or close it if it left the pool."""
+        if entry.state in _GONE:
+            del self._entries[entry.id]
+            del self._serial_of[entry.id]
             if entry.fd is not None:
                 self._forget_file(entry)
                 self._count(entry.identity, -1)
                 os.close(entry.fd)
-        else:
-            self._entries[entry_id] = entry
-        log.debug("enclave_state", state=target.value, id=entry_id,
-                  subtype=entry.subtype)
-        return entry
+            return
+        if entry.id not in self._entries:
+            self._serial_of[entry.id] = next(self._serials)
+        gets_fd = entry.fd is not None and (
+            entry.id not in self._entries or self._entries[entry.id].fd is None)
+        self._entries[entry.id] = entry
+        if gets_fd:
+            key = key or fdcheck.file_key(entry.fd)
+            self._files.setdefault(key[:2], set()).add(entry.id)
+            self._count(entry.identity, 1)
+        if entry.state is State.PENDING:
+            self._pending += 1
+        elif entry.state is State.AVAILABLE:
+            bisect.insort(self._available.setdefault(
+                (entry.subtype, entry.identity), []),
+                (self._serial_of[entry.id], entry.id))

@@ -308,3 +308,59 @@ def test_an_unknown_id_is_quoted_in_the_error():
         pool.save_final("\x1b[31m\n../x")
     assert str(raised.value) == "no enclave '\\x1b[31m\\n../x' in the pool"
     pool.close()
+
+
+def test_a_released_enclave_is_still_the_oldest():
+    pool = Pool(10, 10)
+    first, _ = available(pool)
+    available(pool)
+    pool.release(pool.lease("skeleton", IDENTITY).id)
+    assert pool.lease("skeleton", IDENTITY).id == first
+    assert pool.lease("skeleton", ANY_IDENTITY).id != first
+    pool.close()
+
+
+def test_a_check_in_of_a_leased_fd_its_client_has_read_hands_the_lease_out():
+    """A client checks its enclave back in, on another socket, before the
+    sender has seen it read: the check-in settles the lease."""
+    from epm_server.delivery import Delivery
+
+    pool = Pool(1, 1)  # full: settling the lease must make the room
+    handed_out = []
+    pool.on_hand_out(lambda: handed_out.append(1))
+    entry_id, _ = available(pool)
+    leased = pool.lease("skeleton", IDENTITY)
+    received = os.dup(leased.fd)  # the client's copy: the same open file
+    delivery = [None]
+    probe = lambda: delivery[0]  # noqa: E731
+    pool.sent(leased.id, probe)
+
+    with pytest.raises(AlreadyExists):  # still queued: the pool's own
+        pool.check_in("skeleton", IDENTITY, LAYOUT, received, OWNER)
+    delivery[0] = Delivery.READ
+    new_id = pool.check_in("skeleton", IDENTITY, LAYOUT, received, OWNER)
+
+    assert pool.get(new_id).state is State.HELD
+    with pytest.raises(NotFound):
+        pool.get(entry_id)
+    assert not fd_is_open(leased.fd) and fd_is_open(received)
+    assert handed_out == [1]
+    # The sender settles later and learns that it was done.
+    assert pool.hand_out(entry_id, probe) is False
+    assert pool.release(entry_id, probe) is False
+    pool.close()
+
+
+def test_a_pending_entry_receiving_a_read_leased_fd_settles_the_lease():
+    from epm_server.delivery import Delivery
+
+    pool = Pool(1, 1)
+    available(pool)
+    leased = pool.lease("skeleton", IDENTITY)
+    pool.sent(leased.id, lambda: Delivery.READ)
+    pool.add_pending("legacy1", "skeleton", None, LAYOUT)
+
+    pool.receive_fd("legacy1", os.dup(leased.fd), OWNER)
+
+    assert [e.id for e in pool.entries()] == ["legacy1"]
+    pool.close()
