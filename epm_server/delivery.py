@@ -57,6 +57,15 @@ def delivery_state(sock):
     return Delivery.READ if unread == 0 else None
 
 
+def probe(sock):
+    """A look that never raises, for the pool to call (``Pool.sent``): the
+    delivery_state, or None when ``sock`` is closed already."""
+    try:
+        return delivery_state(sock)
+    except (OSError, ValueError):
+        return None
+
+
 def wait_delivery(sock, deadline):
     """Wait until ``deadline`` (monotonic) for the peer to read or drop a message.
 

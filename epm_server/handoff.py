@@ -15,12 +15,16 @@ A check-out leases the entry, sends its fd, and hands it out once the
 client has read the reply (``delivery``): the loop learns it when the
 client's next request comes, or its close, and looks again at each tick; the
 entry goes back to the pool if the client closed without reading. Until then
-the connection's next request waits. A check-out with ``hold`` settles the
-same way, except that a read reply leaves the entry held by the client, its
+the connection's next request waits; a check-in of the same enclave on
+another connection settles it too (``Pool.sent``), so a client that checks
+it in on a second socket, or passes it to a process that does, is not
+refused. A check-out with ``hold`` settles the same way (but not at a
+check-in), except that a read reply leaves the entry held by the client, its
 pid watched by the reaper, instead of handed out. The pool's lock is never
 held across socket I/O.
 """
 
+import functools
 import os
 import select
 import socket
@@ -33,7 +37,7 @@ from google.protobuf.message import DecodeError
 
 from epm_api import framing
 from epm_api import handoff_pb2
-from epm_server import fdcheck, metrics
+from epm_server import delivery, fdcheck, metrics
 from epm_server.delivery import Delivery, delivery_state
 from epm_server.enclave import (
     check_layout_fits, enclave_proto, identity_from_proto, layout_from_proto,
@@ -83,7 +87,9 @@ class _Connection:
     """A served connection and where it is in its current request.
 
     ``lease`` is the entry ID of a check-out whose reply is being written or
-    read, and ``hold`` True when its client asked to hold the enclave; ``out``
+    read, and ``hold`` True when its client asked to hold the enclave;
+    ``probe`` the look at its delivery registered with the pool once the
+    whole reply is queued (none for a hold); ``out``
     the bytes of a reply the socket has not taken, and
     ``out_fd`` the fd to attach to them when none of it went out yet.
     ``idle_since`` is set while the connection waits for a request with
@@ -92,7 +98,7 @@ class _Connection:
     """
 
     __slots__ = ("sock", "fileno", "peer", "reader", "deadline", "idle_since",
-                 "out", "out_fd", "lease", "hold", "mask")
+                 "out", "out_fd", "lease", "hold", "probe", "mask")
 
     def __init__(self, sock, peer, now, idle_timeout):
         self.sock = sock
@@ -105,6 +111,7 @@ class _Connection:
         self.out_fd = None
         self.lease = None
         self.hold = False
+        self.probe = None
         self.mask = _READING  # what the loop's epoll waits for
 
 
@@ -368,13 +375,14 @@ class HandoffServer:
         if conn.fileno not in self._connections:
             return
         lease, conn.lease = conn.lease, None
+        probe, conn.probe = conn.probe, None
         if lease is not None:
             if conn.out is not None and conn.out_fd is not None:
                 self._pool.release(lease)  # the fd never left
             else:
                 # The peer may hold the fd: it must never go to another.
                 self._count_unconfirmed(lease)
-                self._pool.hand_out(lease)
+                self._pool.hand_out(lease, probe)
         self._close(conn)
 
     def _set_idle(self, conn, now):
@@ -533,7 +541,16 @@ class HandoffServer:
             self._watch(conn, _WRITING)
         elif lease is not None:
             conn.deadline = time.monotonic() + self._timeout
+            self._sent(conn)
         return True
+
+    def _sent(self, conn):
+        """A check-out's whole reply is queued: let a check-in of the same
+        enclave settle the lease if the client read it (not for a hold, whose
+        enclave stays pooled, held by the client)."""
+        if not conn.hold:
+            conn.probe = functools.partial(delivery.probe, conn.sock)
+            self._pool.sent(conn.lease, conn.probe)
 
     def _flush(self, conn):
         """Write more of a pending reply, now that the socket may take it."""
@@ -557,6 +574,7 @@ class HandoffServer:
         if conn.lease is not None:
             conn.deadline = time.monotonic() + self._timeout
             self._watch(conn, _READING)
+            self._sent(conn)
         elif self._stopping.is_set():
             self._close(conn)
         else:
@@ -590,9 +608,11 @@ class HandoffServer:
                 return False
             outcome = Delivery.UNKNOWN
         entry_id, conn.lease = conn.lease, None
+        probe, conn.probe = conn.probe, None
         if outcome is Delivery.DISCARDED:
-            self._pool.release(entry_id)
-            log.info("enclave_returned", id=entry_id, reason="client closed unread")
+            if self._pool.release(entry_id, probe):
+                log.info("enclave_returned", id=entry_id,
+                         reason="client closed unread")
             self._close(conn)
             return False
         if outcome is Delivery.UNKNOWN:
@@ -603,8 +623,8 @@ class HandoffServer:
             peer = conn.peer
             self._pool.hold(entry_id, Owner(pid=peer.pid, uid=peer.uid))
             self._reaper.watch(entry_id, peer.pid)
-        else:
-            self._pool.hand_out(entry_id)
+        elif not self._pool.hand_out(entry_id, probe):
+            log.debug("enclave_handed_out_at_check_in", id=entry_id)
         if outcome is Delivery.UNKNOWN:
             log.info("enclave_delivery_unconfirmed", id=entry_id)
             self._close(conn)

@@ -10,6 +10,7 @@ a bounded time, so no request thread and no socket file outlives its timeout.
 
 import array
 import errno
+import functools
 import os
 import socket
 import threading
@@ -19,7 +20,7 @@ import structlog
 from google.protobuf.message import DecodeError
 
 from epm_api import v1alpha1_pb2 as pb
-from epm_server import fdcheck
+from epm_server import delivery, fdcheck
 from epm_server.delivery import Delivery, wait_delivery
 from epm_server.enclave import (
     check_layout_fits, identity_from_proto, layout_from_proto,
@@ -133,8 +134,15 @@ class LegacyHandoff:
                 log.info("legacy_send_failed", id=cache_id, reason=reason)
                 raise Unavailable(f"hand-off to {path} failed: {reason}") from None
             # The client may accept only after this call answers: the entry
-            # stays leased until a thread sees the fd read or dropped.
-            self._confirm_later(entry, sock)
+            # stays leased until a thread sees the fd read or dropped, or the
+            # client checks the same enclave in again first.
+            probe = functools.partial(delivery.probe, sock)
+            try:
+                self._pool.sent(entry.id, probe)
+            except BaseException:
+                sock.close()
+                raise
+            self._confirm_later(entry, sock, probe)
             return entry
         finally:
             self._unclaim(cache_id)
@@ -244,8 +252,8 @@ class LegacyHandoff:
             raise
         return sock
 
-    def _confirm_later(self, entry, sock):
-        thread = threading.Thread(target=self._confirm, args=(entry, sock),
+    def _confirm_later(self, entry, sock, probe):
+        thread = threading.Thread(target=self._confirm, args=(entry, sock, probe),
                                   name=f"legacy-out-{entry.id}", daemon=True)
         with self._lock:
             self._waiters.add(thread)
@@ -254,14 +262,16 @@ class LegacyHandoff:
         except BaseException:
             with self._lock:
                 self._waiters.discard(thread)
-            self._confirm(entry, sock, stopping=True)
+            self._confirm(entry, sock, probe, stopping=True)
             raise
 
-    def _confirm(self, entry, sock, stopping=False):
+    def _confirm(self, entry, sock, probe, stopping=False):
         """Hand the entry out once its fd was read; release it if dropped.
 
         A client that neither reads nor closes within the accept timeout may
-        still accept later, so the enclave counts as handed out then.
+        still accept later, so the enclave counts as handed out then. A
+        check-in of the same enclave may have handed it out first (``probe``
+        tells the pool which lease this is).
         """
         try:
             deadline = time.monotonic() + self._accept_timeout
@@ -272,11 +282,10 @@ class LegacyHandoff:
                         or stopping or self._stopping.is_set()):
                     break
             if outcome is Delivery.DISCARDED:
-                self._pool.release(entry.id)
-                log.info("enclave_returned", id=entry.id,
-                         reason="legacy client never took the fd")
-            else:
-                self._pool.hand_out(entry.id)
+                if self._pool.release(entry.id, probe):
+                    log.info("enclave_returned", id=entry.id,
+                             reason="legacy client never took the fd")
+            elif self._pool.hand_out(entry.id, probe):
                 if outcome is Delivery.UNKNOWN:
                     log.info("enclave_delivery_unconfirmed", id=entry.id)
         except (EpmError, OSError) as e:

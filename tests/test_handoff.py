@@ -676,3 +676,24 @@ def test_error_replies_quote_what_the_client_sent(daemon, tmp_path):
     assert bad_file.code == 3 and "\\x1b[2J\\nname" in bad_file.message
     for reply in (bad_id, long_id, bad_file):
         assert reply.message.isprintable(), reply.message
+
+
+def test_a_check_out_checked_in_again_on_another_connection_is_taken(daemon):
+    """The check-out settles when its connection's next request comes; a
+    check-in of the same enclave on another connection before then settles
+    it too, instead of being refused as the pool's own enclave."""
+    pool_one(daemon.handoff_socket)
+    getter, giver = Client(daemon.handoff_socket), Client(daemon.handoff_socket)
+    replies = []
+    for _ in range(5):
+        got, fds = getter.check_out()
+        assert got.code == 0 and len(fds) == 1, got.message
+        reply = giver.call(hpb.HandoffRequest(check_in=hpb.CheckIn(
+            subtype="skeleton-0.0.0", enclave=enclave(), available=True)),
+            fd=fds[0])[0]
+        os.close(fds[0])
+        replies.append((reply.code, reply.message))
+    getter.close()
+    giver.close()
+
+    assert replies == [(0, "")] * 5

@@ -14,6 +14,7 @@ import grpc
 import pytest
 
 from conftest import REPO
+from epm_api import handoff_pb2 as hpb
 from epm_api import v1alpha1_pb2 as pb
 from epm_api import v1alpha1_pb2_grpc as pb_grpc
 from test_service import code_of, legacy_save_request, listed, wait_for_state
@@ -179,3 +180,42 @@ def test_rune_check_in_of_fd_0_with_empty_layout_is_refused(stub):
     cache.options.Pack(pb.Enclave(fd=0, nr=0))
     code, details = code_of(stub.SaveCache, pb.SaveCacheRequest(cache=cache))
     assert code == grpc.StatusCode.INVALID_ARGUMENT and "layout" in details
+
+
+def test_a_checked_out_enclave_checked_in_again_at_once_is_taken(daemon, stub):
+    """conc.py's race: a published client checks the enclave it just got
+    back in over the hand-off socket before the daemon's confirming thread
+    saw the fd read (it looks at growing intervals, up to 50 ms). The check-in settles the check-out: it is neither
+    refused as a duplicate nor is the enclave lost from the pool."""
+    import array
+    import os
+    import socket
+
+    from test_handoff import Client as HandoffClient, pool_one
+    from test_handoff import enclave
+
+    pool_one(daemon.handoff_socket)
+    handoff = HandoffClient(daemon.handoff_socket)
+    replies = []
+    for i in range(10):
+        cache_id = f"again-{i}"
+        with socket.socket(socket.AF_UNIX) as listener:
+            listener.bind(str(daemon.run_dir / cache_id))
+            listener.listen(1)
+            got = stub.GetCache(pb.GetCacheRequest(type=POOL, subType=SUBTYPE,
+                                                   ID=cache_id), timeout=5)
+            assert got.cache.ID
+            conn, _ = listener.accept()
+            _, ancdata, _, _ = conn.recvmsg(1, socket.CMSG_SPACE(4))
+            fd = array.array("i", ancdata[0][2])[0]
+            # Still connected: the daemon sees the read only when it looks.
+            replies.append(handoff.call(hpb.HandoffRequest(
+                check_in=hpb.CheckIn(subtype=SUBTYPE, enclave=enclave(),
+                                     available=True)), fd=fd)[0])
+            conn.close()
+        os.close(fd)
+    handoff.close()
+
+    assert [(r.code, r.message) for r in replies] == [(0, "")] * 10
+    assert [(c.ID, c.options.type_url != "") for c, _ in listed(stub)] == [
+        (replies[-1].id, True)]
