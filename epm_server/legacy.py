@@ -58,6 +58,9 @@ class LegacyHandoff:
         self._stopping = threading.Event()
         self._lock = threading.Lock()
         self._waiters = set()
+        # Accepted check-in connections whose fd has not come yet: stop()
+        # shuts them, so that a client that sends nothing cannot hold it.
+        self._receiving = set()
         # IDs with a hand-off in flight, either way: a GetCache naming the ID
         # of a waiting check-in would otherwise connect to our own listener.
         self._busy_ids = set()
@@ -150,12 +153,16 @@ class LegacyHandoff:
     def stop(self):
         """Give up waiting for check-ins; their entries and socket files go.
 
-        Also waits (bounded) for check-outs in flight, which hold a leased fd
-        that the pool closes next.
+        A check-in whose client connected but has not sent its fd is dropped
+        too (its connection shut, logged as a failed check-in). Also waits
+        (bounded) for check-outs in flight, which hold a leased fd that the
+        pool closes next.
         """
         self._stopping.set()
         with self._lock:
             waiters = list(self._waiters)
+            for conn in self._receiving:
+                _shut(conn)
         for thread in waiters:
             thread.join(self._io_timeout + 2 * _POLL)
         with self._idle:
@@ -186,7 +193,7 @@ class LegacyHandoff:
                 peer = peer_of(conn)
                 if not self._policy.allows(peer):
                     raise PermissionDenied(f"uid {peer.uid} may not check in")
-                fd = self._recv_fd(conn)
+                fd = self._recv_fd_unless_stopped(conn)
                 fdcheck.check_enclave_fd(fd, identity)
                 if identity is None:
                     _check_layout_fits_fd(layout, fd)
@@ -220,6 +227,22 @@ class LegacyHandoff:
             conn.settimeout(self._io_timeout)
             return conn
         raise Unavailable("the daemon is shutting down")
+
+    def _recv_fd_unless_stopped(self, conn):
+        """Receive the check-in's fd, unless stop() shuts ``conn`` first."""
+        with self._lock:
+            self._receiving.add(conn)
+            if self._stopping.is_set():
+                _shut(conn)
+        try:
+            return self._recv_fd(conn)
+        except (EpmError, OSError):
+            if self._stopping.is_set():
+                raise Unavailable("the daemon is shutting down") from None
+            raise
+        finally:
+            with self._lock:
+                self._receiving.discard(conn)
 
     def _recv_fd(self, conn):
         data, ancdata, flags, _ = conn.recvmsg(1, _CMSG_SPACE,
@@ -331,6 +354,14 @@ def enclave_of_options(options):
         raise InvalidArgument(f"options: expected a {_ENCLAVE_TYPE}, got "
                               f"{shown(options.type_url or 'nothing', quoted=True)}")
     return enclave
+
+
+def _shut(conn):
+    """Wake a thread blocked reading ``conn``: it reads end of file."""
+    try:
+        conn.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass  # the peer is gone already: the read ends by itself
 
 
 def _check_layout_fits_fd(layout, fd):

@@ -124,9 +124,41 @@ def test_an_open_runtime_directory_is_warned_about_once(tmp_path):
 def test_a_second_signal_stops_at_once(tmp_path):
     """The first SIGINT waits for hand-offs in flight; the second does not.
 
-    A legacy client that connects for its check-in and sends nothing holds
-    the first stop for the whole accept timeout (20 s here).
+    A hand-off client that checks an enclave out and never reads the reply
+    holds the first stop until the reply's deadline (20 s here): the
+    enclave may be in its hands, and the daemon waits to know.
     """
+    import time
+    from test_handoff import Client, enclave, pool_one
+    from epm_api import handoff_pb2 as hpb
+    daemon = Daemon(tmp_path, "[handoff]\ntimeout = 20\n").start()
+    try:
+        pool_one(daemon.handoff_socket)
+        stalled = Client(daemon.handoff_socket)
+        stalled.send_raw(hpb.HandoffRequest(check_out=hpb.CheckOut(
+            subtype="skeleton-0.0.0",
+            identity=enclave().identity)).SerializeToString())
+        daemon.proc.send_signal(signal.SIGINT)
+        time.sleep(1.0)
+        assert daemon.proc.poll() is None
+        daemon.proc.send_signal(signal.SIGINT)
+        started = time.monotonic()
+        code = daemon.proc.wait(10)
+        took = time.monotonic() - started
+        stalled.close()
+    finally:
+        daemon.stop(signal.SIGKILL)
+
+    assert code == 128 + signal.SIGINT and took < 3
+    assert not daemon.grpc_socket.exists()
+    assert not daemon.handoff_socket.exists()
+    assert [e["signal"] for e in daemon.events("epm_stopped_at_once")] == [
+        "SIGINT"]
+
+
+def test_the_first_signal_drops_a_legacy_check_in_whose_fd_never_comes(tmp_path):
+    """A published client that connects for its check-in and sends nothing
+    does not hold the graceful stop for its 20 s: the check-in is dropped."""
     import time
     import legacy_client
     from epm_api import v1alpha1_pb2 as pb
@@ -139,18 +171,15 @@ def test_a_second_signal_stops_at_once(tmp_path):
                            pb.SaveCacheRequest(cache=cache))
         with socket.socket(socket.AF_UNIX) as stalled:
             stalled.connect(str(daemon.run_dir / "stalled"))
-            daemon.proc.send_signal(signal.SIGINT)
-            time.sleep(1.0)
-            assert daemon.proc.poll() is None
-            daemon.proc.send_signal(signal.SIGINT)
+            time.sleep(0.3)  # accepted: the daemon waits for the fd
             started = time.monotonic()
+            daemon.proc.send_signal(signal.SIGTERM)
             code = daemon.proc.wait(10)
             took = time.monotonic() - started
     finally:
         daemon.stop(signal.SIGKILL)
 
-    assert code == 128 + signal.SIGINT and took < 3
-    assert not daemon.grpc_socket.exists()
-    assert not daemon.handoff_socket.exists()
-    assert [e["signal"] for e in daemon.events("epm_stopped_at_once")] == [
-        "SIGINT"]
+    assert code == 0 and took < 3
+    assert [(e["id"], e["reason"]) for e in daemon.events(
+        "legacy_check_in_failed")] == [("stalled", "the daemon is shutting down")]
+    assert not (daemon.run_dir / "stalled").exists()
