@@ -2,7 +2,7 @@
 
 No machine here has SGX, so a C program (tests/host/eenter_stub.c) plays the
 CPU: it enters the image at OENTRY with the registers EENTER sets, and
-answers the stub's ENCLU instructions (EREPORT and EEXIT) from a SIGILL
+answers the stub's ENCLU instructions (EREPORT and EEXIT) from a fault
 handler. This checks the stub's convention, its stack switch, the body's
 EREPORT operands and the copies in and out; it cannot check what only the
 hardware does (EREPORT's MAC, the enclave's isolation).

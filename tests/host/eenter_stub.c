@@ -4,7 +4,9 @@
  *
  * EENTER is a jump to OENTRY with RBX = the TCS address and RCX = the
  * address to return to, as the SDM defines it (Vol. 3D, 38.4 EENTER). The
- * stub's ENCLU raises #UD (SIGILL) outside an enclave; the handler plays
+ * stub's ENCLU faults outside an enclave: #UD (SIGILL) on some machines,
+ * #GP (SIGSEGV) on others, such as a guest whose CPU hides SGX; the
+ * handler, installed for both, plays
  * EREPORT (leaf 0: checks the operands, writes a stand-in REPORT holding the
  * TARGETINFO's MRENCLAVE and the report data) and EEXIT (leaf 4: continues at
  * RBX). What it saw is printed as JSON.
@@ -34,7 +36,7 @@ static int inside(uint64_t addr, size_t size)
 	return addr >= (uint64_t)image && addr + size <= (uint64_t)image + image_size;
 }
 
-static void on_sigill(int sig, siginfo_t *info, void *context)
+static void on_enclu(int sig, siginfo_t *info, void *context)
 {
 	greg_t *r = ((ucontext_t *)context)->uc_mcontext.gregs;
 	const uint8_t *rip = (const uint8_t *)r[REG_RIP];
@@ -92,7 +94,7 @@ int main(int argc, char **argv)
 {
 	static uint8_t altstack[65536];
 	stack_t ss = { .ss_sp = altstack, .ss_size = sizeof(altstack) };
-	struct sigaction sa = { .sa_sigaction = on_sigill,
+	struct sigaction sa = { .sa_sigaction = on_enclu,
 				.sa_flags = SA_SIGINFO | SA_ONSTACK };
 	uint8_t buf[1008] = { 0 };
 	uint64_t oentry, op = strtoull(argv[2], NULL, 0);
@@ -108,6 +110,7 @@ int main(int argc, char **argv)
 		return 2;
 	sigaltstack(&ss, NULL);
 	sigaction(SIGILL, &sa, NULL);
+	sigaction(SIGSEGV, &sa, NULL);
 	memcpy(&oentry, image + 32, 8);
 
 	eenter((uint64_t)image + oentry, (uint64_t)image, op, buf);
