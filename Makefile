@@ -51,7 +51,9 @@ image: $(IMAGES)
 $(BUILD)/encl.bin: $(ENCLAVE_SRC) skeleton/build_image.py $(FFI) $(VENV)/.installed
 	$(PY) -m skeleton.build_image --out $@
 
-$(BUILD)/dev-key.pem: $(FFI) $(VENV)/.installed
+# Generated once: a newer venv or FFI module must not ask for a new key (the
+# signer refuses to overwrite one), so they are order-only prerequisites.
+$(BUILD)/dev-key.pem: | $(FFI) $(VENV)/.installed
 	@mkdir -p $(BUILD)
 	$(VENV)/bin/sgxsign --genkey $@
 

@@ -220,10 +220,11 @@ def _stop_now(signum, sockets):
     remove the sockets and exit at once.
 
     The first signal's stop waits for calls and hand-offs in flight (a
-    legacy client that connects and sends nothing holds it for its whole
-    timeout); the second waits for nothing. Exiting closes every fd the
-    daemon holds, pooled enclaves included; under systemd, enclaves still
-    queued for its fd store are lost. Like the first handler this one takes
+    hand-off check-out whose reply the client never reads holds it until
+    the reply's deadline, ``[handoff] timeout``); the second waits for
+    nothing. Exiting closes every fd the daemon holds, pooled enclaves
+    included; under systemd, enclaves still queued for its fd store are
+    lost. Like the first handler this one takes
     no lock, so it writes its log line with os.write, not structlog.
     """
     for path in sockets:
