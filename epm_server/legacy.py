@@ -32,6 +32,7 @@ from epm_server.ids import validate_id
 from epm_server.peers import peer_of
 from epm_server.pool import ANY_IDENTITY, Owner
 from epm_server.sockets import listen_unix, unlink_socket
+from epm_server.workers import Workers
 
 log = structlog.get_logger(__name__)
 
@@ -57,7 +58,8 @@ class LegacyHandoff:
         self._io_timeout = io_timeout
         self._stopping = threading.Event()
         self._lock = threading.Lock()
-        self._waiters = set()
+        # Each waiting check-in and unconfirmed check-out blocks a thread.
+        self._workers = Workers("legacy")
         # Accepted check-in connections whose fd has not come yet: stop()
         # shuts them, so that a client that sends nothing cannot hold it.
         self._receiving = set()
@@ -98,13 +100,15 @@ class LegacyHandoff:
             if e.errno == errno.EADDRINUSE:
                 raise AlreadyExists(f"ID: {path} exists already") from None
             raise Unavailable(f"cannot listen on {path}: {e.strerror}") from None
-        thread = threading.Thread(target=self._receive,
-                                  args=(cache_id, identity, layout, listener,
-                                        path),
-                                  name=f"legacy-{cache_id}", daemon=True)
-        with self._lock:
-            self._waiters.add(thread)
-        thread.start()
+        try:
+            self._workers.submit(self._receive, cache_id, identity, layout,
+                                 listener, path)
+        except RuntimeError as e:
+            unlink_socket(path)
+            listener.close()
+            self._pool.discard(cache_id)
+            self._unclaim(cache_id)
+            raise Unavailable(f"cannot wait for the fd on {path}: {e}") from None
 
     def get_cache(self, cache_id, subtype, budget=None):
         """Send an available enclave of ``subtype`` to the client at ``<dir>/<ID>``.
@@ -160,11 +164,9 @@ class LegacyHandoff:
         """
         self._stopping.set()
         with self._lock:
-            waiters = list(self._waiters)
             for conn in self._receiving:
                 _shut(conn)
-        for thread in waiters:
-            thread.join(self._io_timeout + 2 * _POLL)
+        self._workers.wait_idle(self._io_timeout + 2 * _POLL)
         with self._idle:
             self._idle.wait_for(lambda: not self._busy_ids,
                                 self._connect_timeout + self._io_timeout)
@@ -208,8 +210,6 @@ class LegacyHandoff:
             except EpmError:
                 pass  # deleted or discarded meanwhile: nothing left to drop
         finally:
-            with self._lock:
-                self._waiters.discard(threading.current_thread())
             self._unclaim(cache_id)
 
     def _accept(self, listener, path):
@@ -276,15 +276,9 @@ class LegacyHandoff:
         return sock
 
     def _confirm_later(self, entry, sock, probe):
-        thread = threading.Thread(target=self._confirm, args=(entry, sock, probe),
-                                  name=f"legacy-out-{entry.id}", daemon=True)
-        with self._lock:
-            self._waiters.add(thread)
         try:
-            thread.start()
+            self._workers.submit(self._confirm, entry, sock, probe)
         except BaseException:
-            with self._lock:
-                self._waiters.discard(thread)
             self._confirm(entry, sock, probe, stopping=True)
             raise
 
@@ -315,8 +309,6 @@ class LegacyHandoff:
             log.warning("legacy_confirm_failed", id=entry.id, reason=str(e))
         finally:
             sock.close()
-            with self._lock:
-                self._waiters.discard(threading.current_thread())
 
     def _connect(self, path, wait):
         # The client may start listening just after its GetCache call.
