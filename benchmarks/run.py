@@ -23,6 +23,9 @@ import tempfile
 import time
 import uuid
 
+# The suite forks (pair clients, the fd round trip) after using gRPC: its fork
+# handlers can deadlock a fork (grpc/grpc#22624), as in the tests.
+os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "false")
 REPO = pathlib.Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
@@ -288,6 +291,62 @@ def _legacy_check_out(stub, pb, run_dir):
     return fd, [LayoutEntry.from_proto(e) for e in enclave.layout]
 
 
+def primitives(daemon, runs):
+    """What each path is built on: one gRPC call, and one fd round trip.
+
+    A Healthz call on a warm channel to the daemon; and a one-byte request
+    answered with an fd in SCM_RIGHTS by a forked process over a connected
+    Unix socket pair, both sides blocking in recv, with no pool or protocol
+    behind it. (Our hand-off polls before it blocks, on both sides, which
+    saves the two wake-ups this one pays.) Returns ``(grpc_us, fd_us)``
+    samples.
+    """
+    import grpc
+    from epm_api import v1alpha1_pb2 as pb
+    from epm_api import v1alpha1_pb2_grpc as pb_grpc
+
+    channel = grpc.insecure_channel(f"unix:{daemon.grpc_socket}")
+    stub = pb_grpc.EnclavePoolManagerStub(channel)
+    grpc_us = []
+    try:
+        for _ in range(runs):
+            t = time.perf_counter()
+            stub.Healthz(pb.HealthzRequest(), timeout=5)
+            grpc_us.append((time.perf_counter() - t) * 1e6)
+    finally:
+        channel.close()
+    return grpc_us, _fd_round_trips(runs)
+
+
+def _fd_round_trips(runs):
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    fd = small_memfd()
+    pid = os.fork()
+    if pid == 0:
+        ours.close()
+        rights = [(socket.SOL_SOCKET, socket.SCM_RIGHTS,
+                   array.array("i", [fd]).tobytes())]
+        for _ in range(runs):
+            theirs.recv(1)
+            theirs.sendmsg([b"\0"], rights)
+        os._exit(0)
+    theirs.close()
+    os.close(fd)
+    took = []
+    try:
+        ours.settimeout(5)
+        for _ in range(runs):
+            t = time.perf_counter()
+            ours.send(b"\0")
+            _, ancdata, _, _ = ours.recvmsg(1, socket.CMSG_SPACE(4))
+            took.append((time.perf_counter() - t) * 1e6)
+            os.close(array.array("i", ancdata[0][2])[0])
+    finally:
+        ours.close()
+        os.waitpid(pid, 0)
+    return took
+
+
 def _pair_worker(socket_path, seconds, start, queue):
     structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(40))
     client = Client(socket_path)
@@ -480,6 +539,9 @@ def run(images, scale):
             results["legacy_checkout_us_p99"] = p99(out_us)
             results["legacy_checkin_us_p50"] = median(in_us)
             results["legacy_checkin_us_p99"] = p99(in_us)
+            grpc_us, fd_us = primitives(daemon, n["handoff"])
+            results["grpc_call_us_p50"] = median(grpc_us)
+            results["fd_round_trip_us_p50"] = median(fd_us)
             results["pairs_per_s"] = {}
             for procs in (1, 4, 16):
                 rate, errors = pairs_per_second(daemon, procs, n["pair_s"])
