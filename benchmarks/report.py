@@ -49,6 +49,9 @@ def rows(r):
     out.append(("one gRPC call (Healthz, warm channel)",
                 f"{r['grpc_call_us_p50']:.0f} us", "", None,
                 "about 470 us (measured here)"))
+    out.append(("one gRPC call, thread-pool server / grpc.aio server (bare)",
+                f"{r['grpc_server_threads_us_p50']:.0f} us / "
+                f"{r['grpc_server_aio_us_p50']:.0f} us", "", None, ""))
     out.append(("one fd round trip (socket pair, blocking, no daemon)",
                 f"{r['fd_round_trip_us_p50']:.0f} us", "", None,
                 "about 40 us (measured here)"))

@@ -33,6 +33,7 @@ sys.path.insert(0, str(REPO / "tests"))
 
 import structlog  # noqa: E402
 
+import grpc_servers  # noqa: E402
 from live_daemon import Daemon  # noqa: E402
 from epm_client import Client, Identity, LayoutEntry  # noqa: E402
 from epm_client.admin import AdminClient  # noqa: E402
@@ -549,6 +550,9 @@ def run(images, scale):
                                                       "errors": errors}
         finally:
             daemon.stop()
+        servers = grpc_servers.compare(n["handoff"])
+        results["grpc_server_threads_us_p50"] = servers["threads"]
+        results["grpc_server_aio_us_p50"] = servers["aio"]
         results["build_mib_per_s"], results["sha256_records_mib_per_s"] = \
             build_speed(images, n["build"])
         (results["pool10k_rss_kib_per_enclave"], results["pool10k_list_s"],

@@ -28,7 +28,8 @@ def test_tiny_run_writes_every_figure_and_the_table(tmp_path, images):
                 "legacy_checkout_us_p50", "legacy_checkout_us_p99",
                 "legacy_checkin_us_p50", "legacy_checkin_us_p99", "build_mib_per_s",
                 "sha256_records_mib_per_s", "pool10k_list_s", "pool10k_flush_s",
-                "grpc_call_us_p50", "fd_round_trip_us_p50"):
+                "grpc_call_us_p50", "fd_round_trip_us_p50",
+                "grpc_server_threads_us_p50", "grpc_server_aio_us_p50"):
         assert r[key] > 0, key
     assert r["checkout_us_p99"] >= r["checkout_us_p50"]
     assert r["launch_cold_dlopen_ms"] < r["launch_cold_pool_ms"]
