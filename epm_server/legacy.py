@@ -104,10 +104,12 @@ class LegacyHandoff:
             self._workers.submit(self._receive, cache_id, identity, layout,
                                  listener, path)
         except RuntimeError as e:
-            unlink_socket(path)
-            listener.close()
-            self._pool.discard(cache_id)
-            self._unclaim(cache_id)
+            try:
+                unlink_socket(path)
+                listener.close()
+                self._pool.discard(cache_id)
+            finally:
+                self._unclaim(cache_id)
             raise Unavailable(f"cannot wait for the fd on {path}: {e}") from None
 
     def get_cache(self, cache_id, subtype, budget=None):
@@ -118,7 +120,7 @@ class LegacyHandoff:
         Returns the entry as it was handed out (its ``fd`` is the number the
         daemon had), or None when none is available. Raises InvalidArgument,
         AlreadyExists (the ID has a hand-off in flight), and Unavailable when
-        the hand-off failed (the enclave is back).
+        the hand-off failed (the enclave is back, or the client dropped it).
         """
         validate_id(cache_id)
         subtype = subtype_from_request(subtype, "subType")
@@ -166,10 +168,12 @@ class LegacyHandoff:
         with self._lock:
             for conn in self._receiving:
                 _shut(conn)
-        self._workers.wait_idle(self._io_timeout + 2 * _POLL)
+        # IDs first: a check-out still connecting submits its confirmation
+        # job before it gives its ID back, so the jobs counted next are all.
         with self._idle:
             self._idle.wait_for(lambda: not self._busy_ids,
                                 self._connect_timeout + self._io_timeout)
+        self._workers.wait_idle(self._io_timeout + 2 * _POLL)
 
     def _claim(self, cache_id):
         with self._lock:
@@ -276,11 +280,17 @@ class LegacyHandoff:
         return sock
 
     def _confirm_later(self, entry, sock, probe):
+        """Confirm the delivery in a worker, or here when none can start.
+
+        Raises Unavailable when, confirmed here, the client dropped the fd.
+        """
         try:
             self._workers.submit(self._confirm, entry, sock, probe)
-        except BaseException:
-            self._confirm(entry, sock, probe, stopping=True)
-            raise
+        except RuntimeError as e:
+            log.warning("legacy_confirm_inline", id=entry.id, reason=str(e))
+            if not self._confirm(entry, sock, probe, stopping=True):
+                raise Unavailable(f"hand-off of enclave {entry.id} failed: "
+                                  "the client closed without reading") from None
 
     def _confirm(self, entry, sock, probe, stopping=False):
         """Hand the entry out once its fd was read; release it if dropped.
@@ -288,8 +298,10 @@ class LegacyHandoff:
         A client that neither reads nor closes within the accept timeout may
         still accept later, so the enclave counts as handed out then. A
         check-in of the same enclave may have handed it out first (``probe``
-        tells the pool which lease this is).
+        tells the pool which lease this is). Returns False when the client
+        dropped the fd unread.
         """
+        outcome = None
         try:
             deadline = time.monotonic() + self._accept_timeout
             while True:
@@ -309,6 +321,7 @@ class LegacyHandoff:
             log.warning("legacy_confirm_failed", id=entry.id, reason=str(e))
         finally:
             sock.close()
+        return outcome is not Delivery.DISCARDED
 
     def _connect(self, path, wait):
         # The client may start listening just after its GetCache call.

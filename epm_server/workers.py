@@ -41,8 +41,12 @@ class Workers:
                 return
             self._started += 1
             name = f"{self._name}-{self._started}"
+        # The job goes through the thread's queue, not its arguments, which
+        # the thread would hold for as long as it lives.
+        jobs = queue.SimpleQueue()
+        jobs.put((fn, args))
         try:
-            threading.Thread(target=self._run, args=((fn, args),), name=name,
+            threading.Thread(target=self._run, args=(jobs,), name=name,
                              daemon=True).start()
         except BaseException:
             self._job_done()
@@ -53,17 +57,25 @@ class Workers:
         with self._finished:
             return self._finished.wait_for(lambda: self._busy == 0, timeout)
 
-    def _run(self, job):
-        jobs = queue.SimpleQueue()
-        while job is not None:
-            fn, args = job
+    def _run(self, jobs):
+        parked = True
+        while parked:
+            fn, args = jobs.get()
+            finished = False
             try:
-                fn(*args)
-            except Exception:
-                # A job handles its own errors; one that escapes is a bug,
-                # and it must not take the thread's later jobs with it.
-                log.exception("worker_job_failed", job=getattr(fn, "__name__", fn))
-            job = jobs.get() if self._job_done(jobs) else None
+                try:
+                    fn(*args)
+                except Exception:
+                    # A job handles its own errors; one that escapes is a bug,
+                    # and it must not take the thread's later jobs with it.
+                    log.exception("worker_job_failed",
+                                  job=getattr(fn, "__name__", repr(fn)))
+                finished = True
+            finally:
+                # Parked, the thread must not keep its last job's objects
+                # alive; dying here, it still gives its count back.
+                fn = args = None
+                parked = self._job_done(jobs if finished else None)
 
     def _job_done(self, jobs=None):
         """Count a job as ended; park ``jobs`` if there is room. True if parked."""

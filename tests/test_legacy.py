@@ -5,9 +5,11 @@ new connection per call, 1 s deadlines) and runs in its own processes.
 """
 
 import concurrent.futures
+import os
 import pathlib
 import subprocess
 import sys
+import threading
 import time
 
 import grpc
@@ -17,6 +19,11 @@ from conftest import REPO
 from epm_api import handoff_pb2 as hpb
 from epm_api import v1alpha1_pb2 as pb
 from epm_api import v1alpha1_pb2_grpc as pb_grpc
+from epm_server.errors import NotFound, Unavailable
+from epm_server.legacy import LegacyHandoff
+from epm_server.peers import PeerPolicy
+from epm_server.pool import Owner, Pool, State
+from test_pool import LAYOUT
 from test_service import code_of, legacy_save_request, listed, wait_for_state
 
 CLIENT = pathlib.Path(__file__).with_name("legacy_client.py")
@@ -219,3 +226,138 @@ def test_a_checked_out_enclave_checked_in_again_at_once_is_taken(daemon, stub):
     assert [(r.code, r.message) for r in replies] == [(0, "")] * 10
     assert [(c.ID, c.options.type_url != "") for c, _ in listed(stub)] == [
         (replies[-1].id, True)]
+
+
+# In-process: the hand-off core with a pool, the published client played by
+# a process of its own (the daemon refuses a listener that is itself).
+
+LISTENER = r"""
+import array, socket, sys
+listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+listener.bind(sys.argv[1])
+listener.listen(1)
+print("listening", flush=True)
+sys.stdin.readline()
+conn, _ = listener.accept()
+if sys.argv[2] == "read":
+    _, ancdata, _, _ = conn.recvmsg(1, socket.CMSG_SPACE(4))
+    print("fds", len(ancdata), flush=True)
+conn.close()
+"""
+WAIT = 10
+
+
+def until(predicate, timeout=WAIT):
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.01)
+
+
+def no_thread(*args):
+    raise RuntimeError("can't start new thread")
+
+
+def leased(pool, entry_id):
+    return pool.get(entry_id).state is State.LEASED
+
+
+@pytest.fixture
+def core(tmp_path):
+    """A pool with one available enclave, and the legacy hand-off on it."""
+    pool = Pool(8, 8)
+    entry_id = pool.check_in("skeleton", None, LAYOUT, os.memfd_create("test"),
+                             Owner(pid=1, uid=0))
+    pool.save_final(entry_id)
+    yield pool, entry_id, LegacyHandoff(pool, str(tmp_path), PeerPolicy())
+    pool.close()
+
+
+@pytest.fixture
+def published_listener():
+    """Start a listener on ``path`` that accepts when told (``finish``).
+
+    With mode "read" it reads the fd, with "drop" it closes unread. Every
+    listener is killed by its pid at the end of the test.
+    """
+    procs = []
+
+    def start(path, mode):
+        proc = subprocess.Popen([sys.executable, "-c", LISTENER, str(path), mode],
+                                stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                text=True)
+        procs.append(proc)
+        assert proc.stdout.readline().strip() == "listening"
+        return proc
+
+    yield start
+    for proc in procs:
+        proc.kill()
+        proc.communicate(timeout=WAIT)
+
+
+def finish(proc):
+    """Let the listener accept (and read); returns what it printed."""
+    out, _ = proc.communicate("go\n", timeout=WAIT)
+    return out
+
+
+def test_stop_waits_for_a_check_out_whose_listener_came_late(core, tmp_path,
+                                                            published_listener):
+    """stop() begins while GetCache still retries its connect: it returns only
+    once the enclave is settled, not while a worker still holds the lease."""
+    pool, entry_id, legacy = core
+    check_out = threading.Thread(target=legacy.get_cache, args=("late-1", "skeleton"))
+    check_out.start()
+    until(lambda: leased(pool, entry_id))
+    stopper = threading.Thread(target=legacy.stop)
+    stopper.start()
+    time.sleep(0.1)  # stop() is waiting before the check-out has sent
+
+    proc = published_listener(tmp_path / "late-1", "read")
+    stopper.join(WAIT)
+    check_out.join(WAIT)
+
+    assert not stopper.is_alive() and not check_out.is_alive()
+    with pytest.raises(NotFound):  # handed out, unconfirmed: never leased again
+        pool.get(entry_id)
+    assert finish(proc).split() == ["fds", "1"]
+
+
+@pytest.mark.parametrize("mode", ["read", "drop"])
+def test_check_out_is_confirmed_inline_when_no_thread_starts(
+        core, tmp_path, monkeypatch, published_listener, mode):
+    pool, entry_id, legacy = core
+    monkeypatch.setattr(legacy._workers, "submit", no_thread)
+    proc = published_listener(tmp_path / "inline-1", mode)
+    reader = threading.Thread(target=finish, args=(proc,))
+    reader.start()
+    try:
+        if mode == "read":
+            assert legacy.get_cache("inline-1", "skeleton").id == entry_id
+            with pytest.raises(NotFound):
+                pool.get(entry_id)
+        else:
+            with pytest.raises(Unavailable, match="closed without reading"):
+                legacy.get_cache("inline-1", "skeleton")
+            assert pool.get(entry_id).state is State.AVAILABLE
+    finally:
+        reader.join(WAIT)
+
+
+def test_check_in_that_cannot_wait_for_its_fd_leaves_nothing(core, tmp_path,
+                                                            monkeypatch):
+    pool, _, legacy = core
+    monkeypatch.setattr(legacy._workers, "submit", no_thread)
+    options = legacy_save_request("gone-1").cache.options
+
+    with pytest.raises(Unavailable, match="cannot wait for the fd"):
+        legacy.save_cache("gone-1", "skeleton", options)
+
+    assert not (tmp_path / "gone-1").exists()
+    with pytest.raises(NotFound):
+        pool.get("gone-1")
+    monkeypatch.undo()
+    legacy.save_cache("gone-1", "skeleton", options)  # the ID is free again
+    assert pool.get("gone-1").state is State.PENDING
+    legacy.stop()

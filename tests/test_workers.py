@@ -1,6 +1,13 @@
 """Workers: every job starts at once, and idle threads are reused."""
 
+import gc
+import sys
 import threading
+import time
+import weakref
+
+import pytest
+import structlog.testing
 
 from epm_server.workers import Workers
 
@@ -30,12 +37,13 @@ def test_a_job_runs_in_a_named_thread_of_its_own():
 
 
 def test_a_thread_that_finished_its_job_takes_the_next():
+    # Thread objects, not idents: a new thread may get an old one's ident.
     workers = Workers("test")
     seen = []
     for _ in range(3):
-        run_and_wait(workers, lambda: seen.append(threading.get_ident()))
+        run_and_wait(workers, lambda: seen.append(threading.current_thread()))
 
-    assert len(set(seen)) == 1
+    assert seen[0] is seen[1] is seen[2]
 
 
 def test_jobs_that_block_each_get_a_thread_instead_of_queueing():
@@ -61,8 +69,10 @@ def test_no_more_than_keep_threads_stay_parked():
     release.set()
     assert workers.wait_idle(WAIT)
 
-    for thread in threads:
-        thread.join(0.5)
+    deadline = time.monotonic() + WAIT
+    while (sum(thread.is_alive() for thread in threads) > 2
+           and time.monotonic() < deadline):
+        time.sleep(0.01)
     assert sum(thread.is_alive() for thread in threads) == 2
 
 
@@ -76,17 +86,51 @@ def test_wait_idle_is_false_while_a_job_runs():
     assert workers.wait_idle(WAIT) is True
 
 
-def test_a_failing_job_is_logged_and_its_thread_goes_on(capsys):
+def test_a_failing_job_is_logged_and_its_thread_goes_on():
     workers = Workers("test")
     seen = []
 
     def fails():
-        seen.append(threading.get_ident())
+        seen.append(threading.current_thread())
         raise ValueError("boom")
 
-    workers.submit(fails)
-    assert workers.wait_idle(WAIT)
-    run_and_wait(workers, lambda: seen.append(threading.get_ident()))
+    with structlog.testing.capture_logs() as logs:
+        workers.submit(fails)
+        assert workers.wait_idle(WAIT)
+    run_and_wait(workers, lambda: seen.append(threading.current_thread()))
 
-    assert len(seen) == 2 and seen[0] == seen[1]
-    assert "worker_job_failed" in capsys.readouterr().out
+    assert len(seen) == 2 and seen[0] is seen[1]
+    assert [e["event"] for e in logs] == ["worker_job_failed"]
+    assert logs[0]["job"] == "fails"
+
+
+# pytest reports the thread's SystemExit, which threading itself ignores.
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")
+def test_a_thread_that_dies_in_a_job_still_ends_its_count():
+    workers = Workers("test")
+    dying = []
+
+    def exits():
+        dying.append(threading.current_thread())
+        sys.exit(1)
+
+    workers.submit(exits)
+
+    assert workers.wait_idle(WAIT)
+    dying[0].join(WAIT)
+    assert not dying[0].is_alive()
+    run_and_wait(workers, lambda: None)
+
+
+def test_a_parked_thread_keeps_no_reference_to_its_last_job():
+    class Payload:
+        pass
+
+    workers = Workers("test")
+    payload = Payload()
+    gone = weakref.ref(payload)
+    run_and_wait(workers, lambda p: None, payload)
+    del payload
+    gc.collect()
+
+    assert gone() is None
