@@ -19,7 +19,8 @@ FFI := skeleton/_ffi.py
 PREFIX ?= /usr
 LIBDIR ?= $(PREFIX)/lib
 
-.PHONY: all venv proto ffi image pal install-pal demo test bench clean
+.PHONY: all venv proto ffi image pal install-pal demo test bench clean go-client \
+	go-toolchain
 
 all: venv proto ffi image pal
 
@@ -85,6 +86,50 @@ test: venv proto ffi image pal
 
 bench: venv proto ffi image pal
 	$(PY) benchmarks/run.py --images $(BUILD)/images
+
+# A Go client of the published clients' path, for benchmarks/run.py (which
+# times it when build/epm-go-client exists). Built offline from Debian's
+# packaged sources in GOPATH mode: nothing is fetched, so no go.mod. The
+# generated code goes to build/, never into the tree; the proto names no
+# go_package, so protoc's M options give it an import path, and map any.proto
+# to the golang/protobuf 1.3 package that Debian's protoc-gen-go pairs with
+# (protoc's own any.proto names the newer google.golang.org/protobuf).
+GO_DEBS := golang-go golang-google-grpc-dev golang-goprotobuf-dev protobuf-compiler
+GOCODE ?= /usr/share/gocode
+GO_CLIENT := $(BUILD)/epm-go-client
+GO_SRC := $(BUILD)/gopath/src/epmbench
+GO_PB := $(GO_SRC)/epm_api/v1alpha1.pb.go
+# `$\` ends a line without the space a plain backslash would leave.
+GO_PROTOC_OPTS := plugins=grpc,$\
+	Mgoogle/protobuf/any.proto=github.com/golang/protobuf/ptypes/any,$\
+	Mepm_api/v1alpha1.proto=epmbench/epm_api
+GO_ENV := GO111MODULE=off GOPROXY=off GOFLAGS= \
+	GOPATH=$(abspath $(BUILD)/gopath):$(GOCODE) GOCACHE=$(abspath $(BUILD)/gocache)
+
+go-client: $(GO_CLIENT)
+
+$(GO_CLIENT): benchmarks/go_client/main.go $(GO_PB) | go-toolchain
+	cd benchmarks/go_client && $(GO_ENV) go build -o $(abspath $@) .
+
+$(GO_PB): proto/epm_api/v1alpha1.proto | go-toolchain
+	@mkdir -p $(GO_SRC)
+	protoc -Iproto --go_out=$(GO_PROTOC_OPTS):$(GO_SRC) $<
+
+# Checked on every build (order-only: it never makes the client out of date).
+go-toolchain:
+	@missing=; \
+	for tool in go protoc protoc-gen-go; do \
+		command -v $$tool >/dev/null || missing="$$missing $$tool"; \
+	done; \
+	for pkg in google.golang.org/grpc github.com/golang/protobuf/proto \
+			golang.org/x/sys/unix; do \
+		test -d $(GOCODE)/src/$$pkg || missing="$$missing $(GOCODE)/src/$$pkg"; \
+	done; \
+	if [ -n "$$missing" ]; then \
+		echo "make go-client: missing$$missing" >&2; \
+		echo "  install the Debian packages: apt-get install $(GO_DEBS)" >&2; \
+		exit 1; \
+	fi
 
 clean:
 	rm -rf $(BUILD) $(FFI) epm_api/*_pb2*.py epm_api/*_pb2.pyi

@@ -7,6 +7,8 @@ machine (2 cores). A target is None where the issue sets none.
 
 SIZES = ("8", "32", "64", "80")
 PUBLISHED_BUILD_MS = {"8": 55, "32": 206, "64": 410, "80": 507}
+# The Go client's figures (benchmarks/go_client) when it was not built.
+NOT_MEASURED = "not measured (make go-client)"
 
 
 def rows(r):
@@ -46,9 +48,19 @@ def rows(r):
                 "710-855 us, p99 1.6-3.7 ms (Go daemon)"))
     out.append(("check-in, published clients' path (gRPC)",
                 _us(r, "legacy_checkin"), "", None, "1.17-1.49 ms (Go daemon)"))
+    out.append(("check-out, published clients' path, Go client (gRPC)",
+                _us_or_unmeasured(r, "legacy_go_checkout"), "", None,
+                "710-855 us, p99 1.6-3.7 ms (Go daemon)"))
+    out.append(("check-in, published clients' path, Go client (gRPC)",
+                _us_or_unmeasured(r, "legacy_go_checkin"), "", None,
+                "1.17-1.49 ms (Go daemon)"))
     out.append(("one gRPC call (Healthz, warm channel)",
                 f"{r['grpc_call_us_p50']:.0f} us", "", None,
                 "about 470 us (measured here)"))
+    go_call = r.get("go_grpc_call_us_p50")
+    out.append(("one gRPC call, Go client (Healthz, warm channel)",
+                NOT_MEASURED if go_call is None else f"{go_call:.0f} us", "", None,
+                ""))
     out.append(("one gRPC call, thread-pool server / grpc.aio server (bare)",
                 f"{r['grpc_server_threads_us_p50']:.0f} us / "
                 f"{r['grpc_server_aio_us_p50']:.0f} us", "", None, ""))
@@ -109,6 +121,13 @@ def _met(met):
 
 def _ms(ms):
     return f"{ms:.2f} ms"
+
+
+def _us_or_unmeasured(r, key):
+    # Results written before the Go client existed have no such keys.
+    if r.get(key + "_us_p50") is None:
+        return NOT_MEASURED
+    return _us(r, key)
 
 
 def _us(r, key):

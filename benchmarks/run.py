@@ -49,6 +49,13 @@ LEGACY_SUBTYPE = "bench-legacy-1.0"
 LIBRARY = REPO / "build" / "liberpal-skeleton-v3.so"
 COLD_SOURCE = REPO / "benchmarks" / "cold_launch.c"
 SMALL = 1 << 16  # enclave size of the synthetic enclaves in pool figures
+GO_CLIENT = REPO / "build" / "epm-go-client"  # `make go-client`
+GO_LEGACY_SUBTYPE = "bench-legacy-go-1.0"
+GO_KEYS = {"checkout_us_p50": "legacy_go_checkout_us_p50",
+           "checkout_us_p99": "legacy_go_checkout_us_p99",
+           "checkin_us_p50": "legacy_go_checkin_us_p50",
+           "checkin_us_p99": "legacy_go_checkin_us_p99",
+           "grpc_call_us_p50": "go_grpc_call_us_p50"}
 
 
 def median(xs):
@@ -290,6 +297,30 @@ def _legacy_check_out(stub, pb, run_dir):
     enclave = pb.Enclave()
     reply.cache.options.Unpack(enclave)
     return fd, [LayoutEntry.from_proto(e) for e in enclave.layout]
+
+
+def legacy_go_client(daemon, runs, binary=GO_CLIENT):
+    """The published clients' path again, from Go: ``build/epm-go-client``.
+
+    The published clients are Go, and the reference figures were taken Go
+    to Go; this tells how much of the gap to them is the Python client's.
+    The client does what legacy_checkout_checkin does, on a sealed memfd of
+    SMALL bytes with SMALL_LAYOUT, plus Healthz calls on the same channel.
+    Returns the GO_KEYS figures, all None when the client is not built.
+    """
+    if not binary.exists():
+        return dict.fromkeys(GO_KEYS.values())
+    # Each round is three calls and two socket hand-offs, each bounded by the
+    # client at 5 s; a healthy round takes a few milliseconds.
+    proc = subprocess.run(
+        [str(binary), "-socket", str(daemon.grpc_socket), "-rounds", str(runs),
+         "-subtype", GO_LEGACY_SUBTYPE],
+        capture_output=True, text=True, timeout=60 + runs * 0.1)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{binary.name} exited with {proc.returncode}: "
+                           f"{proc.stderr.strip()}")
+    figures = json.loads(proc.stdout.strip().splitlines()[-1])
+    return {ours: float(figures[theirs]) for theirs, ours in GO_KEYS.items()}
 
 
 def primitives(daemon, runs):
@@ -540,6 +571,7 @@ def run(images, scale):
             results["legacy_checkout_us_p99"] = p99(out_us)
             results["legacy_checkin_us_p50"] = median(in_us)
             results["legacy_checkin_us_p99"] = p99(in_us)
+            results.update(legacy_go_client(daemon, n["legacy"]))
             grpc_us, fd_us = primitives(daemon, n["handoff"])
             results["grpc_call_us_p50"] = median(grpc_us)
             results["fd_round_trip_us_p50"] = median(fd_us)

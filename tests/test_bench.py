@@ -37,4 +37,16 @@ def test_tiny_run_writes_every_figure_and_the_table(tmp_path, images):
     assert all(v["errors"] == 0 and v["pairs_per_s"] > 0
                for v in r["pairs_per_s"].values())
     assert r["pool10k_rss_kib_per_enclave"] >= 0
+    # The Go client's figures: None unless `make go-client` built it.
+    go_built = (REPO / "build" / "epm-go-client").exists()
+    for key in ("legacy_go_checkout_us_p50", "legacy_go_checkout_us_p99",
+                "legacy_go_checkin_us_p50", "legacy_go_checkin_us_p99",
+                "go_grpc_call_us_p50"):
+        assert key in r, key
+        if go_built:
+            assert r[key] > 0, key
+        else:
+            assert r[key] is None, key
     assert "| check-out, hand-off socket |" in table.read_text()
+    go_row = "| check-out, published clients' path, Go client (gRPC) | "
+    assert go_row + ("" if go_built else "not measured") in table.read_text()
