@@ -598,8 +598,11 @@ class HandoffServer:
     def _check_delivery(self, conn):
         """Settle a check-out whose reply was sent; True when reading resumes.
 
-        Queued is not received: a client that dies before reading leaves the
-        fd for the kernel to close, and the enclave is still ours.
+        Unread is not untaken: a client can take the fd with MSG_PEEK (or a
+        read of no bytes) and close with the message still queued, which
+        looks like a client that died before reading. Either way the enclave
+        may be in a client's hands, so it leaves the pool, and only a reply
+        that was never sent gives it back.
         """
         outcome = delivery_state(conn.sock)
         if outcome is None:
@@ -610,9 +613,10 @@ class HandoffServer:
         entry_id, conn.lease = conn.lease, None
         probe, conn.probe = conn.probe, None
         if outcome is Delivery.DISCARDED:
-            if self._pool.release(entry_id, probe):
-                log.info("enclave_returned", id=entry_id,
-                         reason="client closed unread")
+            self._count_unconfirmed(entry_id)
+            if self._pool.hand_out(entry_id, probe):
+                log.info("enclave_closed_unread", id=entry_id,
+                         reason="the client closed without reading its reply")
             self._close(conn)
             return False
         if outcome is Delivery.UNKNOWN:

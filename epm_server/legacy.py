@@ -10,9 +10,9 @@ a bounded time, so no request thread and no socket file outlives its timeout.
 
 import array
 import errno
-import functools
 import os
 import socket
+import stat
 import threading
 import time
 
@@ -20,8 +20,7 @@ import structlog
 from google.protobuf.message import DecodeError
 
 from epm_api import v1alpha1_pb2 as pb
-from epm_server import delivery, fdcheck
-from epm_server.delivery import Delivery, wait_delivery
+from epm_server import fdcheck
 from epm_server.enclave import (
     check_layout_fits, identity_from_proto, layout_from_proto,
     subtype_from_request)
@@ -42,6 +41,11 @@ _CMSG_SPACE = socket.CMSG_SPACE(2 * _FD_SIZE)
 # How often a waiting check-in looks at the stop flag.
 _POLL = 0.2
 _CONNECT_RETRY = 0.02
+# GetCache calls retrying the connect to a late listener at once; a call
+# past them fails at once, so that they cannot take every gRPC thread.
+_MAX_LATE_WAITS = 2
+# Reasons kept for check-ins dropped after SaveCache answered (``refusal``).
+_REFUSALS_KEPT = 256
 _ENCLAVE_TYPE = pb.Enclave.DESCRIPTOR.full_name
 
 
@@ -58,8 +62,11 @@ class LegacyHandoff:
         self._io_timeout = io_timeout
         self._stopping = threading.Event()
         self._lock = threading.Lock()
-        # Each waiting check-in and unconfirmed check-out blocks a thread.
+        # Each waiting check-in blocks a thread; at most max_pending do.
         self._workers = Workers("legacy")
+        self._late_waits = 0
+        # ID -> why its check-in was dropped in the background.
+        self._refusals = {}
         # Accepted check-in connections whose fd has not come yet: stop()
         # shuts them, so that a client that sends nothing cannot hold it.
         self._receiving = set()
@@ -120,7 +127,8 @@ class LegacyHandoff:
         Returns the entry as it was handed out (its ``fd`` is the number the
         daemon had), or None when none is available. Raises InvalidArgument,
         AlreadyExists (the ID has a hand-off in flight), and Unavailable when
-        the hand-off failed (the enclave is back, or the client dropped it).
+        the hand-off failed (the enclave is back). The enclave counts as
+        handed out once its fd is queued to the client.
         """
         validate_id(cache_id)
         subtype = subtype_from_request(subtype, "subType")
@@ -142,16 +150,13 @@ class LegacyHandoff:
                           else str(e))
                 log.info("legacy_send_failed", id=cache_id, reason=reason)
                 raise Unavailable(f"hand-off to {path} failed: {reason}") from None
-            # The client may accept only after this call answers: the entry
-            # stays leased until a thread sees the fd read or dropped, or the
-            # client checks the same enclave in again first.
-            probe = functools.partial(delivery.probe, sock)
-            try:
-                self._pool.sent(entry.id, probe)
-            except BaseException:
-                sock.close()
-                raise
-            self._confirm_later(entry, sock, probe)
+            # Sent counts as taken. The message may still be queued, but
+            # a client can take the fd without reading it (MSG_PEEK, or a
+            # read of no bytes) and then close, so neither an unread queue
+            # nor a reset proves that the enclave is not in its hands.
+            sock.close()
+            self._pool.hand_out(entry.id)
+            log.debug("legacy_checked_out", id=cache_id, enclave=entry.id)
             return entry
         finally:
             self._unclaim(cache_id)
@@ -168,12 +173,28 @@ class LegacyHandoff:
         with self._lock:
             for conn in self._receiving:
                 _shut(conn)
-        # IDs first: a check-out still connecting submits its confirmation
-        # job before it gives its ID back, so the jobs counted next are all.
         with self._idle:
             self._idle.wait_for(lambda: not self._busy_ids,
                                 self._connect_timeout + self._io_timeout)
         self._workers.wait_idle(self._io_timeout + 2 * _POLL)
+
+    def refusal(self, cache_id):
+        """Why the check-in of ``cache_id`` was dropped after its SaveCache
+        answered, or None.
+
+        A published client learns of it only from its SaveFinalCache, maybe
+        much later, so the reasons of the last _REFUSALS_KEPT are kept.
+        """
+        with self._lock:
+            return self._refusals.get(cache_id)
+
+    def _remember_refusal(self, cache_id, error):
+        reason = error.strerror if isinstance(error, OSError) else None
+        with self._lock:
+            self._refusals.pop(cache_id, None)
+            self._refusals[cache_id] = reason or str(error)
+            while len(self._refusals) > _REFUSALS_KEPT:
+                del self._refusals[next(iter(self._refusals))]
 
     def _claim(self, cache_id):
         with self._lock:
@@ -207,6 +228,7 @@ class LegacyHandoff:
                 fd = None
         except (EpmError, OSError) as e:
             log.warning("legacy_check_in_failed", id=cache_id, reason=str(e))
+            self._remember_refusal(cache_id, e)
             if fd is not None:
                 os.close(fd)
             try:
@@ -279,68 +301,70 @@ class LegacyHandoff:
             raise
         return sock
 
-    def _confirm_later(self, entry, sock, probe):
-        """Confirm the delivery in a worker, or here when none can start.
-
-        Raises Unavailable when, confirmed here, the client dropped the fd.
-        """
-        try:
-            self._workers.submit(self._confirm, entry, sock, probe)
-        except RuntimeError as e:
-            log.warning("legacy_confirm_inline", id=entry.id, reason=str(e))
-            if not self._confirm(entry, sock, probe, stopping=True):
-                raise Unavailable(f"hand-off of enclave {entry.id} failed: "
-                                  "the client closed without reading") from None
-
-    def _confirm(self, entry, sock, probe, stopping=False):
-        """Hand the entry out once its fd was read; release it if dropped.
-
-        A client that neither reads nor closes within the accept timeout may
-        still accept later, so the enclave counts as handed out then. A
-        check-in of the same enclave may have handed it out first (``probe``
-        tells the pool which lease this is). Returns False when the client
-        dropped the fd unread.
-        """
-        outcome = None
-        try:
-            deadline = time.monotonic() + self._accept_timeout
-            while True:
-                now = time.monotonic()
-                outcome = wait_delivery(sock, min(deadline, now + _POLL))
-                if (outcome is not Delivery.UNKNOWN or now >= deadline
-                        or stopping or self._stopping.is_set()):
-                    break
-            if outcome is Delivery.DISCARDED:
-                if self._pool.release(entry.id, probe):
-                    log.info("enclave_returned", id=entry.id,
-                             reason="legacy client never took the fd")
-            elif self._pool.hand_out(entry.id, probe):
-                if outcome is Delivery.UNKNOWN:
-                    log.info("enclave_delivery_unconfirmed", id=entry.id)
-        except (EpmError, OSError) as e:
-            log.warning("legacy_confirm_failed", id=entry.id, reason=str(e))
-        finally:
-            sock.close()
-        return outcome is not Delivery.DISCARDED
-
     def _connect(self, path, wait):
-        # The client may start listening just after its GetCache call.
+        """Connect to the client's listener at ``path``; returns the socket.
+
+        The first try never blocks. The client may start listening just
+        after its GetCache call, or have a full backlog, so the connect is
+        retried for ``wait`` seconds, by at most _MAX_LATE_WAITS calls at
+        once: each holds a gRPC thread meanwhile. Raises FileNotFoundError,
+        ConnectionRefusedError or TimeoutError at the deadline, Unavailable
+        when too many wait already, PermissionDenied when ``path`` is not a
+        socket.
+        """
         deadline = time.monotonic() + wait
-        while True:
-            sock = socket.socket(socket.AF_UNIX,
-                                 socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
-            sock.settimeout(self._io_timeout)
-            try:
-                sock.connect(path)
-                return sock
-            except (FileNotFoundError, ConnectionRefusedError):
-                sock.close()
-                if time.monotonic() >= deadline:
-                    raise
-            except BaseException:
-                sock.close()
-                raise
-            time.sleep(_CONNECT_RETRY)
+        waiting = False
+        try:
+            while True:
+                remaining = max(deadline - time.monotonic(), 0.0)
+                try:
+                    return _connect_socket_file(
+                        path, remaining if waiting else 0.0, self._io_timeout)
+                except (FileNotFoundError, ConnectionRefusedError,
+                        BlockingIOError, TimeoutError):
+                    if time.monotonic() >= deadline:
+                        raise
+                if not waiting:
+                    with self._lock:
+                        if self._late_waits >= _MAX_LATE_WAITS:
+                            raise Unavailable(
+                                f"no listener takes connections on {path}, and "
+                                f"{_MAX_LATE_WAITS} check-outs wait for theirs "
+                                "already")
+                        self._late_waits += 1
+                    waiting = True
+                time.sleep(_CONNECT_RETRY)
+        finally:
+            if waiting:
+                with self._lock:
+                    self._late_waits -= 1
+
+
+def _connect_socket_file(path, connect_timeout, io_timeout):
+    """Connect to the socket file ``path`` itself, never to one a symlink names.
+
+    The runtime directory is writable by the socket's group; a symlink there
+    must not send an enclave to some other listener. The path is opened
+    O_PATH without following, and the connect goes through that handle.
+    ``connect_timeout`` 0 never blocks (BlockingIOError on a full backlog).
+    Raises FileNotFoundError, ConnectionRefusedError, BlockingIOError,
+    TimeoutError, PermissionDenied.
+    """
+    handle = os.open(path, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        if not stat.S_ISSOCK(os.fstat(handle).st_mode):
+            raise PermissionDenied(f"{path} is not a socket")
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        try:
+            sock.settimeout(connect_timeout)
+            sock.connect(f"/proc/self/fd/{handle}")
+            sock.settimeout(io_timeout)
+        except BaseException:
+            sock.close()
+            raise
+        return sock
+    finally:
+        os.close(handle)
 
 
 def enclave_of_options(options):

@@ -201,8 +201,10 @@ def run(cfg, not_recycled=(), images=None):
         if endpoint is not None:
             endpoint.stop()
         prewarmer.stop()
-        if server is not None:
-            server.stop(_GRACE).wait()
+        # Bounded: a gRPC server whose own threads died (it could not start
+        # one) never reports that it stopped, and the stop must go on.
+        if server is not None and not server.stop(_GRACE).wait(_GRACE + 5):
+            logger.warning("grpc_stop_timed_out", waited_s=_GRACE + 5)
         unlink_socket(cfg.grpc_address)
         handoff.stop()
         legacy.stop()

@@ -35,8 +35,9 @@ CHECKOUTS = prometheus_client.Counter(
     "epm_checkouts", "Check-outs by subtype: hit (an enclave was leased) or "
     "miss (none available).", ["subtype", "result"], registry=REGISTRY)
 FAILED_HANDOFFS = prometheus_client.Counter(
-    "epm_failed_handoffs", "Check-outs whose hand-off failed: the enclave "
-    "went back to the pool, or its fd may have left with the reply unconfirmed.",
+    "epm_failed_handoffs", "Check-outs whose hand-off failed: the reply "
+    "was not sent (the enclave went back to the pool), or was not seen read "
+    "(the enclave may have left with it, and was closed).",
     ["subtype"], registry=REGISTRY)
 REFUSALS = prometheus_client.Counter(
     "epm_refusals", "Requests refused, by reason (the error's status name).",

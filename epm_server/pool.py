@@ -228,7 +228,7 @@ class Pool:
                 # The file first: a lease it settles frees room.
                 key = self._check_file(fd, settled)
                 if entry.state is State.PENDING:
-                    self._check_room(entry.identity)
+                    self._check_room(entry.identity, entry.subtype)
                 self._transition(entry_id, "receive_fd", key=key, fd=fd,
                                  owner=owner)
         finally:
@@ -444,8 +444,12 @@ class Pool:
                         raise ResourceExhausted(
                             f"{self._max_pending} legacy check-ins are waiting "
                             "for their fd already")
-                else:
-                    self._check_room(identity)
+                # A pending entry is checked now too, so that a published
+                # client hears of a full pool from SaveCache, unless a lease
+                # its fd could settle may free room; the fd is checked again
+                # when it comes.
+                if fd is not None or not self._probes:
+                    self._check_room(identity, subtype)
                 entry = self._transition(
                     entry_id, operation, key=key, subtype=subtype,
                     identity=identity, layout=tuple(layout), fd=fd, owner=owner,
@@ -457,23 +461,27 @@ class Pool:
             self._handed_out(len(settled))
         return entry_id
 
-    def _check_room(self, identity):
+    def _check_room(self, identity, subtype):
         """Refuse one more enclave (an entry with an fd) past either limit."""
         if self._enclaves >= self._max_total:
             raise ResourceExhausted(
                 f"pool is full: {self._max_total} enclaves in total")
-        if self._by_identity.get(identity, 0) >= self._max_per_identity:
+        key = _capacity_key(identity, subtype)
+        if self._by_identity.get(key, 0) >= self._max_per_identity:
+            what = ("of this identity" if identity is not None else
+                    f"of subtype {shown(subtype, quoted=True)} without identity")
             raise ResourceExhausted(f"pool is full: {self._max_per_identity} "
-                                    "enclaves of this identity")
+                                    f"enclaves {what}")
 
-    def _count(self, identity, change):
-        """Count one enclave more (``change`` 1) or less (-1) of ``identity``."""
+    def _count(self, entry, change):
+        """Count one enclave more (``change`` 1) or less (-1) like ``entry``."""
         self._enclaves += change
-        same = self._by_identity.get(identity, 0) + change
+        key = _capacity_key(entry.identity, entry.subtype)
+        same = self._by_identity.get(key, 0) + change
         if same:
-            self._by_identity[identity] = same
+            self._by_identity[key] = same
         else:
-            del self._by_identity[identity]
+            del self._by_identity[key]
 
     def _check_file(self, fd, settled):
         """Return ``fd``'s index key; refuse a file that is pooled already.
@@ -561,7 +569,7 @@ class Pool:
             del self._serial_of[entry.id]
             if entry.fd is not None:
                 self._forget_file(entry)
-                self._count(entry.identity, -1)
+                self._count(entry, -1)
                 os.close(entry.fd)
             return
         if entry.id not in self._entries:
@@ -572,10 +580,16 @@ class Pool:
         if gets_fd:
             key = key or fdcheck.file_key(entry.fd)
             self._files.setdefault(key[:2], set()).add(entry.id)
-            self._count(entry.identity, 1)
+            self._count(entry, 1)
         if entry.state is State.PENDING:
             self._pending += 1
         elif entry.state is State.AVAILABLE:
             bisect.insort(self._available.setdefault(
                 (entry.subtype, entry.identity), []),
                 (self._serial_of[entry.id], entry.id))
+
+
+def _capacity_key(identity, subtype):
+    """What ``[pool] max_per_identity`` counts by: the identity, or for
+    published clients' enclaves, which carry none, the subtype."""
+    return identity if identity is not None else ("subtype", subtype)

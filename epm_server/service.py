@@ -20,7 +20,7 @@ from epm_api import v1alpha1_pb2_grpc as pb_grpc
 from epm_server import metrics
 from epm_server.bundle import BUNDLE_TYPES
 from epm_server.enclave import enclave_proto
-from epm_server.errors import EpmError, InvalidArgument, shown
+from epm_server.errors import EpmError, InvalidArgument, NotFound, shown
 from epm_server.ids import validate_id
 from epm_server.pool import State
 
@@ -214,10 +214,19 @@ class EnclavePoolService(pb_grpc.EnclavePoolManagerServicer):
             self._bundles.get(cache.type, cache.subType, cache.ID)
             return pb.SaveCacheResponse(ok=True)
         validate_id(cache.ID)
-        if cache.subType and self._pool.get(cache.ID).subtype != cache.subType:
-            raise InvalidArgument(f"subType: enclave {cache.ID} is not of subtype "
-                                  f"{shown(cache.subType, quoted=True)}")
-        self._pool.save_final(cache.ID, legacy=True)
+        try:
+            if (cache.subType
+                    and self._pool.get(cache.ID).subtype != cache.subType):
+                raise InvalidArgument(
+                    f"subType: enclave {cache.ID} is not of subtype "
+                    f"{shown(cache.subType, quoted=True)}")
+            self._pool.save_final(cache.ID, legacy=True)
+        except NotFound as e:
+            reason = self._legacy.refusal(cache.ID)
+            if reason is None:
+                raise
+            raise NotFound(f"{e}: its check-in was dropped when its fd was "
+                           f"due: {reason}") from None
         return pb.SaveCacheResponse(ok=True)
 
     @adapt

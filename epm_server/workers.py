@@ -1,12 +1,12 @@
 """Threads kept for reuse: each job starts at once, in a thread of its own.
 
-The legacy hand-off gives every waiting check-in and every unconfirmed
-check-out a thread, because each blocks on one socket with a deadline of its
-own. Starting a thread costs about 90 us here (``Thread.start`` waits until
-the new thread runs), and it happens inside the gRPC call that needs it;
-handing a job to a parked thread costs a few microseconds. Unlike a
-ThreadPoolExecutor's, a job never waits in a queue behind others that block:
-when no thread is idle, a new one starts.
+The legacy hand-off gives every waiting check-in a thread, because each
+blocks on its own listener with a deadline of its own. Starting a thread
+costs about 90 us here (``Thread.start`` waits until the new thread runs),
+and it happens inside the gRPC call that needs it; handing a job to a
+parked thread costs a few microseconds. Unlike a ThreadPoolExecutor's, a
+job never waits in a queue behind others that block: when no thread is
+idle, a new one starts.
 """
 
 import queue

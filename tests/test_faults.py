@@ -43,9 +43,12 @@ def stub(daemon):
         yield pb_grpc.EnclavePoolManagerStub(channel)
 
 
-def test_client_killed_before_reading_a_check_out_returns_the_enclave(
+def test_client_killed_before_reading_a_check_out_leaves_nothing_behind(
         daemon, stub):
+    """The kernel closes the unread fd; the daemon closes its own copy,
+    since an unread reply does not prove the fd was never taken."""
     entry_id = pool_one(daemon.handoff_socket)
+    baseline = daemon.open_fds()
     child = subprocess.Popen(
         [sys.executable, "-c", SILENT_CHECK_OUT, str(daemon.handoff_socket)],
         stdout=subprocess.PIPE, text=True, cwd=REPO)
@@ -56,15 +59,14 @@ def test_client_killed_before_reading_a_check_out_returns_the_enclave(
         child.send_signal(signal.SIGKILL)
         child.wait(10)
 
-        assert wait_until(lambda: entries(stub).get(entry_id) == "available", 5)
+        assert wait_until(lambda: entry_id not in entries(stub), 5)
     finally:
         child.kill()
         child.wait()
+    assert wait_for_fds(daemon, baseline - 1) == baseline - 1
     client = Client(daemon.handoff_socket)
     reply, fds = client.check_out()
-    assert reply.id == entry_id and len(fds) == 1
-    assert os.pread(fds[0], len(CONTENT), 0) == CONTENT
-    os.close(fds[0])
+    assert not reply.id and fds == []
     client.close()
 
 
@@ -75,39 +77,46 @@ def _get_cache(daemon, stub, cache_id, listener):
                                             ID=cache_id), timeout=5)
 
 
-def test_legacy_client_that_never_accepts_costs_nothing(daemon, stub):
+def test_legacy_check_out_is_handed_out_once_sent(daemon, stub):
+    """A published client may accept after GetCache answers, or never: the
+    enclave is its own from the moment its fd is queued."""
     entry_id = pool_one(daemon.handoff_socket)
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
 
     response = _get_cache(daemon, stub, "never", listener)
-    os.unlink(daemon.run_dir / "never")
-    listener.close()  # as at the client's death: the queued fd is dropped
 
     assert response.cache.ID == entry_id
-    assert wait_until(lambda: entries(stub).get(entry_id) == "available", 5)
+    assert entry_id not in entries(stub)
+    os.unlink(daemon.run_dir / "never")
+    listener.close()  # as at the client's death: the kernel drops the fd
 
 
-def test_legacy_client_that_accepts_late_still_holds_it_alone(make_daemon):
-    """Past the accept timeout the fd counts as delivered: never handed twice."""
-    daemon = make_daemon("[legacy]\naccept_timeout = 1\n")
+@pytest.mark.parametrize("take", ["late", "peek"])
+def test_legacy_client_holds_its_enclave_alone(daemon, stub, take):
+    """Accepted late, or taken with MSG_PEEK and the byte left unread, the
+    fd is the client's: the next check-out does not get the same enclave."""
     entry_id = pool_one(daemon.handoff_socket)
-    channel = grpc.insecure_channel(f"unix:{daemon.grpc_socket}")
-    stub = pb_grpc.EnclavePoolManagerStub(channel)
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    _get_cache(daemon, stub, "late", listener)
-
-    assert wait_until(lambda: entry_id not in entries(stub), 5)
+    _get_cache(daemon, stub, "taker", listener)
+    if take == "late":
+        time.sleep(0.5)
     conn, _ = listener.accept()
-    _, ancdata, _, _ = conn.recvmsg(1, socket.CMSG_SPACE(4))
+    flags = socket.MSG_PEEK if take == "peek" else 0
+    _, ancdata, _, _ = conn.recvmsg(1, socket.CMSG_SPACE(4), flags)
     fd = array.array("i", ancdata[0][2])[0]
-
-    assert os.pread(fd, len(CONTENT), 0) == CONTENT
-    assert "enclave_delivery_unconfirmed" in daemon.log.read_text()
-    os.close(fd)
     conn.close()
     listener.close()
-    os.unlink(daemon.run_dir / "late")
-    channel.close()
+    os.unlink(daemon.run_dir / "taker")
+
+    second = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        assert not _get_cache(daemon, stub, "second", second).HasField("cache")
+    finally:
+        second.close()
+        os.unlink(daemon.run_dir / "second")
+    assert os.pread(fd, len(CONTENT), 0) == CONTENT
+    assert entry_id not in entries(stub)
+    os.close(fd)
 
 
 def test_clients_killed_at_random_points_leak_nothing(daemon, stub, tmp_path):
@@ -126,7 +135,8 @@ def test_clients_killed_at_random_points_leak_nothing(daemon, stub, tmp_path):
         worker.send_signal(signal.SIGKILL)
         worker.wait(10)
 
-    # Held enclaves of the dead go to the reaper, leased ones come back.
+    # Held enclaves of the dead go to the reaper; leased ones whose reply
+    # was sent are closed, those whose reply was not are available again.
     assert wait_until(lambda: set(entries(stub).values()) <= {"available"}, 10)
     available = entries(stub)
     assert wait_for_fds(daemon, baseline + len(available)) == \

@@ -550,7 +550,7 @@ def test_enclave_held_by_a_check_out_is_discarded_when_its_owner_dies(daemon):
     assert any(e["id"] == entry_id for e in daemon.events("enclave_owner_died"))
 
 
-def test_held_check_out_that_the_client_never_read_is_returned(daemon):
+def test_held_check_out_that_the_client_never_read_goes_to_no_one_else(daemon):
     entry_id = pool_one(daemon.handoff_socket)
 
     child = subprocess.run(
@@ -558,11 +558,32 @@ def test_held_check_out_that_the_client_never_read_is_returned(daemon):
         capture_output=True, text=True, timeout=30, cwd=os.getcwd())
 
     assert child.returncode == 0, child.stderr
-    assert wait_for_state(daemon, entry_id, "available") == "available"
+    assert wait_for_state(daemon, entry_id, None) is None
+    assert any(e["id"] == entry_id for e in daemon.events("enclave_closed_unread"))
     client = Client(daemon.handoff_socket)
     reply, fds = client.check_out()
-    assert reply.id == entry_id and len(fds) == 1
-    framing.close_all(fds)
+    assert reply.code == 0 and not reply.id and fds == []
+    client.close()
+
+
+def test_a_client_that_peeks_its_fd_and_closes_keeps_the_enclave_alone(daemon):
+    """MSG_PEEK installs the fd and leaves the reply unread: closing then
+    looks like dying before reading, yet the client holds the enclave."""
+    entry_id = pool_one(daemon.handoff_socket)
+    peeker = Client(daemon.handoff_socket)
+    peeker.send_raw(hpb.HandoffRequest(check_out=hpb.CheckOut(
+        subtype="skeleton-0.0.0", identity=identity())).SerializeToString())
+    peeker.sock.settimeout(5)
+    _, ancdata, _, _ = peeker.sock.recvmsg(1, socket.CMSG_SPACE(4), socket.MSG_PEEK)
+    taken = array.array("i", ancdata[0][2])[0]
+    peeker.close()
+
+    assert wait_for_state(daemon, entry_id, None) is None
+    client = Client(daemon.handoff_socket)
+    reply, fds = client.check_out()
+    assert reply.code == 0 and not reply.id and fds == []
+    assert os.pread(taken, len(CONTENT), 0) == CONTENT
+    os.close(taken)
     client.close()
 
 

@@ -143,9 +143,10 @@ def test_save_cache_whose_fd_never_arrives(quick_daemon):
         while listed(stub) and time.monotonic() < deadline:
             time.sleep(0.1)
 
-        code, _ = code_of(stub.SaveFinalCache, pb.SaveCacheRequest(
+        code, message = code_of(stub.SaveFinalCache, pb.SaveCacheRequest(
             cache=pb.Cache(type=POOL, subType=SUBTYPE, ID="lost")))
         assert code == grpc.StatusCode.NOT_FOUND
+        assert "dropped when its fd was due: no client connected" in message
         assert not (quick_daemon.run_dir / "lost").exists()
         assert stub.SaveCache(legacy_save_request("lost")).ok
 
@@ -254,6 +255,22 @@ def until(predicate, timeout=WAIT):
         time.sleep(0.01)
 
 
+def add_available(pool):
+    entry_id = pool.check_in("skeleton", None, LAYOUT, os.memfd_create("test"),
+                             Owner(pid=1, uid=0))
+    pool.save_final(entry_id)
+    return entry_id
+
+
+def _outcome(call, *args):
+    """The name of the error ``call(*args)`` raised, or "ok"."""
+    try:
+        call(*args)
+    except Exception as e:
+        return type(e).__name__
+    return "ok"
+
+
 def no_thread(*args):
     raise RuntimeError("can't start new thread")
 
@@ -266,9 +283,7 @@ def leased(pool, entry_id):
 def core(tmp_path):
     """A pool with one available enclave, and the legacy hand-off on it."""
     pool = Pool(8, 8)
-    entry_id = pool.check_in("skeleton", None, LAYOUT, os.memfd_create("test"),
-                             Owner(pid=1, uid=0))
-    pool.save_final(entry_id)
+    entry_id = add_available(pool)
     yield pool, entry_id, LegacyHandoff(pool, str(tmp_path), PeerPolicy())
     pool.close()
 
@@ -305,7 +320,7 @@ def finish(proc):
 def test_stop_waits_for_a_check_out_whose_listener_came_late(core, tmp_path,
                                                             published_listener):
     """stop() begins while GetCache still retries its connect: it returns only
-    once the enclave is settled, not while a worker still holds the lease."""
+    once that check-out has settled, not while the enclave is still leased."""
     pool, entry_id, legacy = core
     check_out = threading.Thread(target=legacy.get_cache, args=("late-1", "skeleton"))
     check_out.start()
@@ -324,25 +339,41 @@ def test_stop_waits_for_a_check_out_whose_listener_came_late(core, tmp_path,
     assert finish(proc).split() == ["fds", "1"]
 
 
-@pytest.mark.parametrize("mode", ["read", "drop"])
-def test_check_out_is_confirmed_inline_when_no_thread_starts(
-        core, tmp_path, monkeypatch, published_listener, mode):
+def test_only_a_few_check_outs_wait_for_a_late_listener(core, tmp_path):
+    """Each wait holds a gRPC thread: past _MAX_LATE_WAITS one fails at once,
+    so that GetCache calls naming no listener cannot take every thread."""
+    pool, _, legacy = core
+    for _ in range(2):
+        add_available(pool)
+    waiting = [threading.Thread(target=lambda i=i: got.append(_outcome(
+        legacy.get_cache, f"nobody-{i}", "skeleton", 1.0))) for i in range(2)]
+    got = []
+    for thread in waiting:
+        thread.start()
+    until(lambda: legacy._late_waits == 2)
+
+    started = time.monotonic()
+    with pytest.raises(Unavailable, match="wait for theirs already"):
+        legacy.get_cache("nobody-2", "skeleton", 1.0)
+    assert time.monotonic() - started < 0.5
+    for thread in waiting:
+        thread.join(WAIT)
+    assert got == ["Unavailable"] * 2
+    assert {e.state for e in pool.entries()} == {State.AVAILABLE}
+
+
+def test_check_out_refuses_a_symlink_in_place_of_the_listener(core, tmp_path,
+                                                              published_listener):
     pool, entry_id, legacy = core
-    monkeypatch.setattr(legacy._workers, "submit", no_thread)
-    proc = published_listener(tmp_path / "inline-1", mode)
-    reader = threading.Thread(target=finish, args=(proc,))
-    reader.start()
-    try:
-        if mode == "read":
-            assert legacy.get_cache("inline-1", "skeleton").id == entry_id
-            with pytest.raises(NotFound):
-                pool.get(entry_id)
-        else:
-            with pytest.raises(Unavailable, match="closed without reading"):
-                legacy.get_cache("inline-1", "skeleton")
-            assert pool.get(entry_id).state is State.AVAILABLE
-    finally:
-        reader.join(WAIT)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    published_listener(elsewhere / "victim", "read")
+    (tmp_path / "link-1").symlink_to(elsewhere / "victim")
+
+    with pytest.raises(Unavailable, match="is not a socket"):
+        legacy.get_cache("link-1", "skeleton")
+
+    assert pool.get(entry_id).state is State.AVAILABLE
 
 
 def test_check_in_that_cannot_wait_for_its_fd_leaves_nothing(core, tmp_path,

@@ -134,6 +134,31 @@ def test_capacity_per_identity_and_total():
     pool.close()
 
 
+def test_enclaves_without_identity_count_by_subtype():
+    """Published clients send no identity: one subtype's enclaves must not
+    use up the room of another's."""
+    pool = Pool(8, 2)
+    for _ in range(2):
+        check_in(pool, identity=None, subtype="a-1.0")
+    fd = new_fd()
+    with pytest.raises(ResourceExhausted, match="subtype 'a-1.0' without identity"):
+        check_in(pool, identity=None, subtype="a-1.0", fd=fd)
+
+    check_in(pool, identity=None, subtype="b-1.0", fd=fd)
+    pool.close()
+
+
+def test_a_pending_check_in_is_refused_when_the_pool_is_full_already():
+    """SaveCache hears of a full pool, not only the fd that follows it."""
+    pool = Pool(1, 1)
+    available(pool)
+
+    with pytest.raises(ResourceExhausted, match="in total"):
+        pool.add_pending("legacy1", "skeleton", None, LAYOUT)
+    assert [e.state for e in pool.entries()] == [State.AVAILABLE]
+    pool.close()
+
+
 def test_delete_closes_an_available_entry():
     pool = Pool(10, 10)
     entry_id, fd = available(pool)

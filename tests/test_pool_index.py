@@ -32,7 +32,10 @@ def scanned(pool):
         "available": {place: sorted(queue) for place, queue in available.items()},
         "pending": sum(1 for e in entries if e.state is State.PENDING),
         "enclaves": len(with_fd),
-        "by_identity": dict(collections.Counter(e.identity for e in with_fd)),
+        # Enclaves without identity (published clients') count by subtype.
+        "by_identity": dict(collections.Counter(
+            e.identity if e.identity is not None else ("subtype", e.subtype)
+            for e in with_fd)),
         "files": sum(len(ids) for ids in pool._files.values()),
         "serials": set(pool._serial_of) == set(pool._entries),
         "probes": all(pool._entries[i].state is State.LEASED
