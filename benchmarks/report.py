@@ -56,7 +56,7 @@ def rows(r):
                 "1.17-1.49 ms (Go daemon)"))
     out.append(("one gRPC call (Healthz, warm channel)",
                 f"{r['grpc_call_us_p50']:.0f} us", "", None,
-                "about 470 us (measured here)"))
+                "about 470 us (the issue's floor)"))
     go_call = r.get("go_grpc_call_us_p50")
     out.append(("one gRPC call, Go client (Healthz, warm channel)",
                 NOT_MEASURED if go_call is None else f"{go_call:.0f} us", "", None,
@@ -66,7 +66,7 @@ def rows(r):
                 f"{r['grpc_server_aio_us_p50']:.0f} us", "", None, ""))
     out.append(("one fd round trip (socket pair, blocking, no daemon)",
                 f"{r['fd_round_trip_us_p50']:.0f} us", "", None,
-                "about 40 us (measured here)"))
+                "about 40 us (the issue's floor)"))
     reference = {"1": "360-455 (Go daemon)", "4": "600-700 (Go daemon)", "16": ""}
     for procs, got in r["pairs_per_s"].items():
         met = None
