@@ -355,13 +355,16 @@ def _fd_round_trips(runs):
     fd = small_memfd()
     pid = os.fork()
     if pid == 0:
-        ours.close()
-        rights = [(socket.SOL_SOCKET, socket.SCM_RIGHTS,
-                   array.array("i", [fd]).tobytes())]
-        for _ in range(runs):
-            theirs.recv(1)
-            theirs.sendmsg([b"\0"], rights)
-        os._exit(0)
+        # The child never returns into the suite, whatever happens here.
+        try:
+            ours.close()
+            rights = [(socket.SOL_SOCKET, socket.SCM_RIGHTS,
+                       array.array("i", [fd]).tobytes())]
+            for _ in range(runs):
+                theirs.recv(1)
+                theirs.sendmsg([b"\0"], rights)
+        finally:
+            os._exit(0)
     theirs.close()
     os.close(fd)
     took = []

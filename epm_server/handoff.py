@@ -13,9 +13,10 @@ idle the longest (one waiting between requests, never one mid-frame).
 
 A check-out leases the entry, sends its fd, and hands it out once the
 client has read the reply (``delivery``): the loop learns it when the
-client's next request comes, or its close, and looks again at each tick; the
-entry goes back to the pool if the client closed without reading. Until then
-the connection's next request waits; a check-in of the same enclave on
+client's next request comes, or its close, and looks again at each tick. A
+client that closed without reading may still hold the fd (MSG_PEEK), so the
+entry is handed out (closed) then too; only a reply never sent returns it
+to the pool. Until then the connection's next request waits; a check-in of the same enclave on
 another connection settles it too (``Pool.sent``), so a client that checks
 it in on a second socket, or passes it to a process that does, is not
 refused. A check-out with ``hold`` settles the same way (but not at a

@@ -99,6 +99,8 @@ class LegacyHandoff:
         except EpmError:
             self._unclaim(cache_id)
             raise
+        with self._lock:
+            self._refusals.pop(cache_id, None)  # an earlier check-in's
         try:
             listener = listen_unix(path, backlog=1)
         except OSError as e:
@@ -138,18 +140,24 @@ class LegacyHandoff:
             self._connect_timeout, max(budget, _CONNECT_RETRY))
         self._claim(cache_id)
         try:
+            path = os.path.join(self._dir, cache_id)
+            deadline = time.monotonic() + wait
+            # A listener not there yet is waited for before the lease: an
+            # enclave must not sit leased for a client that may never
+            # listen while another client asks for it.
+            if not os.path.lexists(path) and self._pool.has_available(subtype):
+                try:
+                    self._retry(path, deadline, lambda: os.lstat(path))
+                except (OSError, EpmError) as e:
+                    raise _send_failed(cache_id, path, e) from None
             entry = self._pool.lease(subtype, ANY_IDENTITY)
             if entry is None:
                 return None
-            path = os.path.join(self._dir, cache_id)
             try:
-                sock = self._send_fd(path, entry.fd, wait)
+                sock = self._send_fd(path, entry.fd, deadline)
             except (OSError, EpmError) as e:
                 self._pool.release(entry.id)
-                reason = (e.strerror if isinstance(e, OSError) and e.strerror
-                          else str(e))
-                log.info("legacy_send_failed", id=cache_id, reason=reason)
-                raise Unavailable(f"hand-off to {path} failed: {reason}") from None
+                raise _send_failed(cache_id, path, e) from None
             # Sent counts as taken. The message may still be queued, but
             # a client can take the fd without reading it (MSG_PEEK, or a
             # read of no bytes) and then close, so neither an unread queue
@@ -284,9 +292,10 @@ class LegacyHandoff:
                                   f"{data!r} with {len(fds)} fds")
         return fds[0]
 
-    def _send_fd(self, path, fd, wait):
+    def _send_fd(self, path, fd, deadline):
         """Connect to ``path`` and queue ``fd``; return the connected socket."""
-        sock = self._connect(path, wait)
+        sock = self._retry(path, deadline,
+                           lambda: _connect_socket_file(path, self._io_timeout))
         try:
             peer = peer_of(sock)
             if peer.pid == os.getpid():
@@ -301,29 +310,28 @@ class LegacyHandoff:
             raise
         return sock
 
-    def _connect(self, path, wait):
-        """Connect to the client's listener at ``path``; returns the socket.
+    def _retry(self, path, deadline, attempt):
+        """``attempt()`` until it returns, for a listener at ``path`` that is
+        late (the client may listen just after its GetCache call) or has a
+        full backlog; returns what it returned.
 
-        The first try never blocks. The client may start listening just
-        after its GetCache call, or have a full backlog, so the connect is
-        retried for ``wait`` seconds, by at most _MAX_LATE_WAITS calls at
-        once: each holds a gRPC thread meanwhile. Raises FileNotFoundError,
-        ConnectionRefusedError or TimeoutError at the deadline, Unavailable
-        when too many wait already, PermissionDenied when ``path`` is not a
-        socket.
+        It is retried until ``deadline`` (monotonic) while it raises
+        FileNotFoundError, ConnectionRefusedError or BlockingIOError, and
+        then raises that; by at most _MAX_LATE_WAITS calls at once, since
+        each holds a gRPC thread. Raises Unavailable when too many wait
+        already or the daemon stops; other errors at once.
         """
-        deadline = time.monotonic() + wait
         waiting = False
         try:
             while True:
-                remaining = max(deadline - time.monotonic(), 0.0)
                 try:
-                    return _connect_socket_file(
-                        path, remaining if waiting else 0.0, self._io_timeout)
+                    return attempt()
                 except (FileNotFoundError, ConnectionRefusedError,
-                        BlockingIOError, TimeoutError):
+                        BlockingIOError):
                     if time.monotonic() >= deadline:
                         raise
+                if self._stopping.is_set():
+                    raise Unavailable("the daemon is shutting down")
                 if not waiting:
                     with self._lock:
                         if self._late_waits >= _MAX_LATE_WAITS:
@@ -340,15 +348,23 @@ class LegacyHandoff:
                     self._late_waits -= 1
 
 
-def _connect_socket_file(path, connect_timeout, io_timeout):
+def _send_failed(cache_id, path, error):
+    """Log a check-out that sent nothing; returns the Unavailable to raise."""
+    reason = (error.strerror if isinstance(error, OSError) and error.strerror
+              else str(error))
+    log.info("legacy_send_failed", id=cache_id, reason=reason)
+    return Unavailable(f"hand-off to {path} failed: {reason}")
+
+
+def _connect_socket_file(path, io_timeout):
     """Connect to the socket file ``path`` itself, never to one a symlink names.
 
     The runtime directory is writable by the socket's group; a symlink there
     must not send an enclave to some other listener. The path is opened
-    O_PATH without following, and the connect goes through that handle.
-    ``connect_timeout`` 0 never blocks (BlockingIOError on a full backlog).
+    O_PATH without following, and the connect goes through that handle. The
+    connect does not block: a full backlog is BlockingIOError at once.
     Raises FileNotFoundError, ConnectionRefusedError, BlockingIOError,
-    TimeoutError, PermissionDenied.
+    PermissionDenied.
     """
     handle = os.open(path, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC)
     try:
@@ -356,7 +372,7 @@ def _connect_socket_file(path, connect_timeout, io_timeout):
             raise PermissionDenied(f"{path} is not a socket")
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
         try:
-            sock.settimeout(connect_timeout)
+            sock.setblocking(False)
             sock.connect(f"/proc/self/fd/{handle}")
             sock.settimeout(io_timeout)
         except BaseException:

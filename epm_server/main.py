@@ -120,6 +120,9 @@ def _check_prewarm_images(prewarm):
 def run(cfg, not_recycled=(), images=None):
     """Serve until SIGTERM or SIGINT; return 0. Raises StartupError, OSError.
 
+    When the gRPC server does not stop within its grace (its own threads
+    died), the process exits at once with status 1 after the rest stopped.
+
     ``not_recycled`` lists the (subtype, identity) pairs whose returned
     enclaves are closed instead of pooled again; ``images`` holds the
     pre-warmed images read at start (see ``_check_prewarm_images``).
@@ -169,6 +172,7 @@ def run(cfg, not_recycled=(), images=None):
                             max_connections=cfg.max_connections,
                             max_per_uid=cfg.max_connections_per_uid)
     server = watchdog = endpoint = None
+    grpc_stuck = False
     reaper.start()
     try:
         handoff.start()
@@ -205,6 +209,7 @@ def run(cfg, not_recycled=(), images=None):
         # one) never reports that it stopped, and the stop must go on.
         if server is not None and not server.stop(_GRACE).wait(_GRACE + 5):
             logger.warning("grpc_stop_timed_out", waited_s=_GRACE + 5)
+            grpc_stuck = True
         unlink_socket(cfg.grpc_address)
         handoff.stop()
         legacy.stop()
@@ -214,6 +219,11 @@ def run(cfg, not_recycled=(), images=None):
         fdstore.stop()
         records.close()
     logger.info("epm_stopped")
+    if grpc_stuck:
+        # Its worker threads wait for requests that its dead serving thread
+        # will never deliver, and the interpreter's exit would join them.
+        sys.stderr.flush()
+        os._exit(1)
     return 0
 
 

@@ -37,7 +37,7 @@ CHECKOUTS = prometheus_client.Counter(
 FAILED_HANDOFFS = prometheus_client.Counter(
     "epm_failed_handoffs", "Check-outs whose hand-off failed: the reply "
     "was not sent (the enclave went back to the pool), or was not seen read "
-    "(the enclave may have left with it, and was closed).",
+    "(the enclave may have left with it: closed, or held by its client).",
     ["subtype"], registry=REGISTRY)
 REFUSALS = prometheus_client.Counter(
     "epm_refusals", "Requests refused, by reason (the error's status name).",
@@ -115,7 +115,7 @@ def checkout(subtype, hit):
 
 
 def failed_handoff(subtype):
-    """Count one hand-off that failed (returned, or its delivery unconfirmed)."""
+    """Count one hand-off that failed (reply not sent, or not seen read)."""
     add_subtype(subtype)
     FAILED_HANDOFFS.labels(_label(subtype)).inc()
 

@@ -61,6 +61,9 @@ class State(enum.Enum):
 
 
 _GONE = frozenset({State.HANDED_OUT, State.DELETED, State.DISCARDED})
+# What a lease's probe may say that makes its enclave the client's: read, or
+# closed unread (the fd may have been taken with MSG_PEEK; see delivery).
+_SETTLED = frozenset({Delivery.READ, Delivery.DISCARDED})
 
 # Operation -> (states it may start from, state it leads to); None is an
 # entry not in the pool yet.
@@ -269,6 +272,11 @@ class Pool:
             return
         self._transition(entry.id, "save_final")
 
+    def has_available(self, subtype):
+        """True when an enclave of ``subtype`` (any identity) is available."""
+        with self._lock:
+            return any(kind == subtype for kind, _ in self._available)
+
     def lease(self, subtype, identity):
         """Lease the oldest available entry matching subtype and identity.
 
@@ -291,13 +299,14 @@ class Pool:
 
     def sent(self, entry_id, probe):
         """The leased entry's fd is queued to its client; ``probe()`` tells,
-        without blocking, whether the client has read it (Delivery.READ).
+        without blocking, whether the client has read it (a Delivery).
 
         The sender learns of the read only when it next looks, and the client
         may check the same enclave in again before then, on another socket:
         that check-in asks the probe, and hands the entry out at once when the
-        fd was read. The sender then passes the same ``probe`` to
-        ``hand_out`` or ``release``. Raises NotFound, FailedPrecondition.
+        fd was read (or the client closed with it unread). The sender then
+        passes the same ``probe`` to ``hand_out``. Raises NotFound,
+        FailedPrecondition.
         """
         with self._lock:
             entry = self._find(entry_id)
@@ -307,7 +316,7 @@ class Pool:
             self._probes[entry_id] = probe
 
     def hand_out(self, entry_id, probe=None):
-        """The leased fd reached its client: close the daemon's copy, drop it.
+        """The leased fd left with its reply: close the daemon's copy, drop it.
 
         With the ``probe`` given to ``sent``, returns False and does nothing
         when a check-in of the same enclave handed it out already; else
@@ -338,18 +347,13 @@ class Pool:
             self._transition(entry_id, "hold", owner=owner, origin="handoff")
         self._handed_out(1)
 
-    def release(self, entry_id, probe=None):
-        """The hand-off failed: make the leased entry available again.
-
-        ``probe`` and the result are as for ``hand_out``. Raises NotFound,
-        FailedPrecondition.
+    def release(self, entry_id):
+        """The leased fd never left (its reply was not sent): make the entry
+        available again. Raises NotFound, FailedPrecondition.
         """
         with self._lock:
-            if probe is not None and self._probes.get(entry_id) is not probe:
-                return False
             entry = self._transition(entry_id, "release")
         metrics.failed_handoff(entry.subtype)
-        return True
 
     def delete(self, entry_id, subtype=""):
         """Close and drop an available entry (of ``subtype`` when given).
@@ -445,11 +449,9 @@ class Pool:
                             f"{self._max_pending} legacy check-ins are waiting "
                             "for their fd already")
                 # A pending entry is checked now too, so that a published
-                # client hears of a full pool from SaveCache, unless a lease
-                # its fd could settle may free room; the fd is checked again
-                # when it comes.
-                if fd is not None or not self._probes:
-                    self._check_room(identity, subtype)
+                # client hears of a full pool from SaveCache; the fd is
+                # checked again when it comes.
+                self._check_room(identity, subtype)
                 entry = self._transition(
                     entry_id, operation, key=key, subtype=subtype,
                     identity=identity, layout=tuple(layout), fd=fd, owner=owner,
@@ -486,10 +488,10 @@ class Pool:
     def _check_file(self, fd, settled):
         """Return ``fd``'s index key; refuse a file that is pooled already.
 
-        A leased entry of that file whose client has read the fd (its probe
-        says so) is the client's already, and the client checks it in again
-        before its sender noticed: it is handed out here, and its ID appended
-        to ``settled``.
+        A leased entry of that file whose client has read the fd, or closed
+        with it unread (its probe says so), may be the client's already, and
+        the client checks it in again before its sender noticed: it is
+        handed out here, and its ID appended to ``settled``.
         """
         key = fdcheck.file_key(fd)
         for other in list(self._files.get(key[:2], ())):
@@ -497,7 +499,7 @@ class Pool:
             if key[2] and not fdcheck.same_open_file(fd, entry.fd):
                 continue
             probe = self._probes.get(other)
-            if probe is not None and probe() is Delivery.READ:
+            if probe is not None and probe() in _SETTLED:
                 self._transition(other, "hand_out")
                 log.debug("enclave_handed_out_at_check_in", id=other)
                 settled.append(other)

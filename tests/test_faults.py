@@ -47,8 +47,9 @@ def test_client_killed_before_reading_a_check_out_leaves_nothing_behind(
         daemon, stub):
     """The kernel closes the unread fd; the daemon closes its own copy,
     since an unread reply does not prove the fd was never taken."""
-    entry_id = pool_one(daemon.handoff_socket)
+    stub.Healthz(pb.HealthzRequest())  # the gRPC connection counts from now
     baseline = daemon.open_fds()
+    entry_id = pool_one(daemon.handoff_socket)
     child = subprocess.Popen(
         [sys.executable, "-c", SILENT_CHECK_OUT, str(daemon.handoff_socket)],
         stdout=subprocess.PIPE, text=True, cwd=REPO)
@@ -63,7 +64,7 @@ def test_client_killed_before_reading_a_check_out_leaves_nothing_behind(
     finally:
         child.kill()
         child.wait()
-    assert wait_for_fds(daemon, baseline - 1) == baseline - 1
+    assert wait_for_fds(daemon, baseline) == baseline
     client = Client(daemon.handoff_socket)
     reply, fds = client.check_out()
     assert not reply.id and fds == []

@@ -196,9 +196,7 @@ def test_legacy_check_in_save_final_and_get_cache(daemon, stub, with_identity):
     with mmap.mmap(fds[0], 8192, mmap.MAP_SHARED, mmap.PROT_READ) as mem:
         assert mem[:len(CONTENT)] == CONTENT
     os.close(fds[0])
-    # The entry leaves the table once the daemon sees the read, which may be
-    # a moment after the client has closed its end.
-    assert wait_until(lambda: listed(stub) == [])
+    assert listed(stub) == []
 
 
 def test_get_cache_on_empty_pool_has_no_cache(stub):

@@ -262,16 +262,26 @@ func (c *client) checkOut() (int, []*pb.Enclavelayout, error) {
 	defer ln.Close()
 	// GetCache runs beside the accept: the daemon connects and sends the fd
 	// while the call is in flight, and may answer before or after we read.
+	if err := ln.SetDeadline(time.Now().Add(c.timeout)); err != nil {
+		return -1, nil, err
+	}
 	ctx, cancel := context.WithTimeout(context.Background(), c.timeout)
 	defer cancel()
 	replies := make(chan reply, 1)
 	go func() {
 		resp, err := c.rpc.GetCache(ctx, &pb.GetCacheRequest{Type: poolType,
 			SubType: c.subtype, ID: id})
+		if err != nil || resp.GetCache() == nil {
+			// No fd is coming: end the accept now, not at its deadline.
+			ln.SetDeadline(time.Now())
+		}
 		replies <- reply{resp, err}
 	}()
 	fd, recvErr := c.receiveFd(ln)
 	r := <-replies // bounded by ctx
+	if r.err == nil && r.resp.GetCache() == nil {
+		recvErr = errors.New("GetCache: no cache in the reply (an empty pool?)")
+	}
 	if r.err != nil || recvErr != nil {
 		if fd >= 0 {
 			unix.Close(fd)
@@ -280,10 +290,6 @@ func (c *client) checkOut() (int, []*pb.Enclavelayout, error) {
 			return -1, nil, fmt.Errorf("GetCache: %w", r.err)
 		}
 		return -1, nil, recvErr
-	}
-	if r.resp.GetCache() == nil {
-		unix.Close(fd)
-		return -1, nil, errors.New("GetCache: no cache in the reply")
 	}
 	options := r.resp.GetCache().GetOptions()
 	if options.GetTypeUrl() != enclaveTypeURL {
@@ -298,10 +304,9 @@ func (c *client) checkOut() (int, []*pb.Enclavelayout, error) {
 	return fd, enclave.GetLayout(), nil
 }
 
+// receiveFd accepts the daemon's connection (by the listener's deadline) and
+// receives the one fd it sends.
 func (c *client) receiveFd(ln *net.UnixListener) (int, error) {
-	if err := ln.SetDeadline(time.Now().Add(c.timeout)); err != nil {
-		return -1, err
-	}
 	conn, err := ln.AcceptUnix()
 	if err != nil {
 		return -1, fmt.Errorf("waiting for the daemon: %w", err)
