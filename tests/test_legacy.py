@@ -395,3 +395,19 @@ def test_check_in_that_cannot_wait_for_its_fd_leaves_nothing(core, tmp_path,
     legacy.save_cache("gone-1", "skeleton", options)  # the ID is free again
     assert pool.get("gone-1").state is State.PENDING
     legacy.stop()
+
+
+def test_a_new_check_in_of_an_id_forgets_the_old_refusal(core, tmp_path):
+    pool, _, _ = core
+    legacy = LegacyHandoff(pool, str(tmp_path), PeerPolicy(), accept_timeout=0.1)
+    options = legacy_save_request("again-1").cache.options
+    legacy.save_cache("again-1", "skeleton", options)
+    # Refused, then its ID given back (the entry dropped first).
+    until(lambda: legacy.refusal("again-1") is not None
+          and "again-1" not in legacy._busy_ids)
+    assert "no client connected" in legacy.refusal("again-1")
+
+    legacy.save_cache("again-1", "skeleton", options)
+
+    assert legacy.refusal("again-1") is None
+    legacy.stop()
