@@ -16,10 +16,10 @@ client has read the reply (``delivery``): the loop learns it when the
 client's next request comes, or its close, and looks again at each tick. A
 client that closed without reading may still hold the fd (MSG_PEEK), so the
 entry is handed out (closed) then too; only a reply never sent returns it
-to the pool. Until then the connection's next request waits; a check-in of the same enclave on
-another connection settles it too (``Pool.sent``), so a client that checks
-it in on a second socket, or passes it to a process that does, is not
-refused. A check-out with ``hold`` settles the same way (but not at a
+to the pool. Until then the connection's next request waits; a check-in of
+the same enclave on another connection settles it too (``Pool.sent``), so
+a client that checks it in on a second socket, or passes it to a process
+that does, is not refused. A check-out with ``hold`` settles the same way (but not at a
 check-in), except that a read reply leaves the entry held by the client, its
 pid watched by the reaper, instead of handed out. The pool's lock is never
 held across socket I/O.
