@@ -84,7 +84,10 @@ demo: venv proto ffi image pal
 test: venv proto ffi image pal
 	$(PY) -m pytest -q
 
+# The Go client's figures come too when its toolchain is installed.
 bench: venv proto ffi image pal
+	@$(MAKE) --no-print-directory go-client >/dev/null 2>&1 || \
+		echo "make bench: no Go client (make go-client says what is missing)"
 	$(PY) benchmarks/run.py --images $(BUILD)/images
 
 # A Go client of the published clients' path, for benchmarks/run.py (which
