@@ -19,10 +19,10 @@ entry is handed out (closed) then too; only a reply never sent returns it
 to the pool. Until then the connection's next request waits; a check-in of
 the same enclave on another connection settles it too (``Pool.sent``), so
 a client that checks it in on a second socket, or passes it to a process
-that does, is not refused. A check-out with ``hold`` settles the same way (but not at a
-check-in), except that a read reply leaves the entry held by the client, its
-pid watched by the reaper, instead of handed out. The pool's lock is never
-held across socket I/O.
+that does, is not refused. A check-out with ``hold`` settles the same way
+(but not at a check-in), except that a read reply leaves the entry held by
+the client, its pid watched by the reaper, instead of handed out. The
+pool's lock is never held across socket I/O.
 """
 
 import functools

@@ -236,8 +236,8 @@ def _stop_now(signum, sockets):
     the reply's deadline, ``[handoff] timeout``); the second waits for
     nothing. Exiting closes every fd the daemon holds, pooled enclaves
     included; under systemd, enclaves still queued for its fd store are
-    lost. Like the first handler this one takes
-    no lock, so it writes its log line with os.write, not structlog.
+    lost. Like the first handler this one takes no lock, so it writes its
+    log line with os.write, not structlog.
     """
     for path in sockets:
         try:
